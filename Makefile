@@ -1,0 +1,53 @@
+# The README's two commands are `make demo` and `make test`; both set up from nothing (Python 3.11 + pip).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+AUGREL := $(VENV)/bin/augrel
+# pip never pulls a CUDA build of torch by accident: where no GPU is present the CPU wheel is installed
+# first (it satisfies the project's torch range); with a GPU, pip takes torch's default (CUDA) build.
+TORCH_CPU ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+STAMP := $(VENV)/.augrel-installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(PY) -m pip install --quiet torch
+	$(PY) -m pip install --quiet -e '.[dev,gpu]'
+else
+	$(PY) -m pip install --quiet '$(TORCH_CPU)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+endif
+	touch $(STAMP)
+
+# Everything but the tests that load real models (`slow`) or need a GPU (`gpu`): see test-all.
+test: setup
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	bash scripts/demo.sh $(DEMO_DIR)
+
+bench: setup
+	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,119 @@
+"""Resource profiles (cpu-small, gpu-1, gpu-8) and DeepSpeed configs, shipped with the package.
+
+A profile says how big actors, batches and trainers are on one kind of hardware; stages take their
+defaults from it, and a config value always wins over the profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.errors import ConfigError
+from pipelines.stage import format_validation_error
+
+HERE = Path(__file__).resolve().parent
+PROFILE_DIR = HERE / "profiles"
+DEEPSPEED_DIR = HERE / "deepspeed"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayResources(_Strict):
+    num_gpus: int = Field(0, ge=0)
+    object_store_fraction: float = Field(0.3, gt=0, le=0.8)
+
+
+class JudgeResources(_Strict):
+    dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(512, gt=0)
+
+
+class AnnotateResources(_Strict):
+    concurrency: tuple[int, int] = (1, 1)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class TrainResources(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    deepspeed: str = "zero2"
+
+
+class FaissResources(_Strict):
+    use_gpu: bool = False
+
+
+class ResourceProfile(_Strict):
+    name: str
+    description: str = ""
+    ray: RayResources = RayResources()
+    judge: JudgeResources = JudgeResources()
+    annotate: AnnotateResources = AnnotateResources()
+    train: TrainResources = TrainResources()
+    faiss: FaissResources = FaissResources()
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str = "cpu-small") -> ResourceProfile:
+    """A profile by name (``cpu-small``, ``gpu-1``, ``gpu-8``) or from a YAML file of the same shape."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown resource profile {name_or_path!r} (known: {', '.join(profile_names())})")
+    try:
+        return ResourceProfile.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(ResourceProfile, e, str(path))) from None
+
+
+def deepspeed_names() -> list[str]:
+    return sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+
+
+def deepspeed_config(name_or_path: str = "zero2", **fill: Any) -> dict[str, Any]:
+    """A DeepSpeed config with its ``"auto"`` values filled from ``fill``.
+
+    ``fill`` keys are top-level keys (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``)
+    or ``bf16`` (a bool for ``bf16.enabled``). An ``"auto"`` left unfilled is an error, not a silent default.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DEEPSPEED_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        raise ConfigError(f"unknown DeepSpeed config {name_or_path!r} (known: {', '.join(deepspeed_names())})")
+    cfg = json.loads(path.read_text())
+    cfg = copy.deepcopy(cfg)
+    for key, value in fill.items():
+        if key == "bf16":
+            cfg.setdefault("bf16", {})["enabled"] = bool(value)
+        else:
+            cfg[key] = value
+    unresolved = [k for k, v in _walk(cfg) if v == "auto"]
+    if unresolved:
+        raise ConfigError(f"DeepSpeed config {path.name}: fill these 'auto' values: {', '.join(unresolved)}")
+    return cfg
+
+
+def _walk(d: dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _walk(v, key + ".")
+        else:
+            yield key, v

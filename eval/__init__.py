@@ -1,0 +1,1 @@
+"""Evaluation: judge agreement, ranking metrics (ir_measures), RAG metrics, reports. No Ray imports."""

@@ -1,0 +1,249 @@
+"""``augrel``: the command line. One subcommand per stage; each takes a YAML ``--config`` and ``--set`` overrides.
+
+Errors a user can fix (a bad config key, a missing file, a table that breaks its schema) print one clear
+message and exit non-zero; they never print a traceback (``-v`` shows one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from pipelines.errors import AugrelError, ConfigError
+
+EPILOG = """\
+examples:
+  augrel data synth --out runs/demo/raw
+  augrel data prepare beir --src runs/demo/raw --out runs/demo/data
+  augrel data prepare trec-dl --src ../shared/data/trec-dl-2019 --out runs/dl19/data
+  augrel data validate runs/dl19/data
+  augrel data split runs/dl19/data --out runs/dl19/splits --folds 5
+  augrel cluster up --workers 1
+  augrel submit -- data validate $PWD/runs/dl19/data
+  augrel cluster down
+
+Ray: commands that use Ray start an embedded Ray sized to this machine, unless --address (or RAY_ADDRESS)
+names a running cluster. `augrel submit` runs any command as a Ray job on a cluster instead.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="read the stage config from this YAML file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set seed=3",
+    )
+
+
+def _parse_fractions(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--fractions {text!r}: expected name=fraction,..., e.g. train=0.6,val=0.2,test=0.2") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="augrel",
+        description="augrel: fine-tune a small LLM relevance judge on a few hundred human labels, label millions "
+        "of (query, document) pairs with it on Ray, and train and evaluate rankers on the result.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--address", help="Ray cluster to join (GCS address, e.g. 127.0.0.1:6379); default: "
+                        "$RAY_ADDRESS, else an embedded Ray on this machine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ------------------------------------------------------------------ data
+    data = sub.add_parser("data", help="prepare, validate, split and synthesise datasets", formatter_class=_Formatter)
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = dsub.add_parser(
+        "prepare", formatter_class=_Formatter,
+        help="read a public IR format and write augrel's tables (queries, docs, qrels, pairs, rejected)",
+        description="Read TREC DL (topics TSV, qrels, passages JSONL), BEIR (corpus.jsonl, queries.jsonl, "
+        "qrels/*.tsv), HotpotQA (IRCoT JSONL) or generic pairs (JSONL/Parquet: qid, docid, query, text[, label]) "
+        "and write Parquet tables. Rows that cannot be used go to OUT/rejected/ with a reason.",
+    )
+    p.add_argument("format", choices=["trec-dl", "beir", "hotpotqa", "pairs"])
+    p.add_argument("--src", required=True, help="input directory (or file/glob for pairs)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--beir-split", help="beir: read only qrels/<split>.tsv")
+    _add_config_args(p)
+
+    p = dsub.add_parser(
+        "validate", formatter_class=_Formatter,
+        help="check every table in a directory against its schema (runs on Ray)",
+        description="Check each table (queries, docs, pairs, qrels, judgments, run) under DIR: required columns "
+        "and types, nulls, empty ids and queries, grades on the scale, probabilities, ranks, duplicate keys "
+        "within and across files. Each problem names the file, column and first bad row. Exit 1 if any.",
+    )
+    p.add_argument("path", metavar="DIR")
+    p.add_argument("--table", dest="tables", action="append", help="check only this table (repeatable)")
+    p.add_argument("--report", help="also write the report as JSON here")
+    _add_config_args(p)
+
+    p = dsub.add_parser(
+        "split", formatter_class=_Formatter,
+        help="query-level train/val/test splits (seeded; a query is never in two splits)",
+        description="Assign each judged query of a prepared dataset to one split, deterministically for the "
+        "seed, and write OUT/splits/ (qid, split[, fold]) plus OUT/<split>/{queries,qrels,pairs}/.",
+    )
+    p.add_argument("src", metavar="DIR", help="a prepared dataset directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fractions", type=_parse_fractions, help="e.g. train=0.6,val=0.2,test=0.2 (the default)")
+    p.add_argument("--folds", type=int, help="also assign K cross-validation folds")
+    p.add_argument("--seed", type=int)
+    _add_config_args(p)
+
+    p = dsub.add_parser(
+        "synth", formatter_class=_Formatter,
+        help="write a synthetic graded corpus (BEIR layout) whose labels follow from how it was generated",
+        description="Generate fictional towns, companies and species with facts, queries asking for one fact, and "
+        "passages whose 0-3 grade for each query is known by construction (answers, partial answers, same "
+        "entity, look-alike names, comparisons, other topics). Deterministic for the seed.",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--entities", type=int, help="number of fictional entities (default 100: 200 queries)")
+    p.add_argument("--seed", type=int)
+    _add_config_args(p)
+
+    # --------------------------------------------------------------- cluster
+    cl = sub.add_parser("cluster", help="a real multi-node Ray cluster on this machine (127.0.0.1)",
+                        formatter_class=_Formatter)
+    csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    p = csub.add_parser("up", help="start a head node and N worker nodes on 127.0.0.1", formatter_class=_Formatter)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-node", type=int, help="CPUs each node offers (default: cores / nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--name", default="local")
+    p = csub.add_parser("down", help="stop exactly the processes `cluster up` started", formatter_class=_Formatter)
+    p.add_argument("--name", default="local")
+    p = csub.add_parser("status", help="show the local cluster's nodes and addresses", formatter_class=_Formatter)
+    p.add_argument("--name", default="local")
+    p = csub.add_parser("profile", help="print a resource profile (cpu-small, gpu-1, gpu-8)", formatter_class=_Formatter)
+    p.add_argument("name", nargs="?", default="cpu-small")
+
+    # ---------------------------------------------------------------- submit
+    p = sub.add_parser(
+        "submit", formatter_class=_Formatter,
+        help="run an augrel command as a Ray job (Jobs API), follow its logs, exit with its status",
+        description="Submit `augrel ARGS...` to a Ray cluster's Jobs API with this repository as working_dir. "
+        "Exit status: 0 SUCCEEDED, 1 FAILED, 2 STOPPED. Paths in ARGS are read on the cluster.",
+        usage="augrel submit [--address URL] [--no-wait] -- ARGS...",
+    )
+    p.add_argument("--address", dest="job_address",
+                   help="Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, else the "
+                   "cluster from `augrel cluster up`)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the augrel command to run, after --")
+    return parser
+
+
+def _cmd_data(a: argparse.Namespace) -> int:
+    from pipelines.stage import load_config
+
+    if a.data_command == "prepare":
+        from pipelines.data import PrepareConfig, prepare
+
+        cfg = load_config(PrepareConfig, a.config, a.overrides, format=a.format, src=a.src, out=a.out,
+                          beir_split=a.beir_split)
+        result = prepare(cfg)
+        print(result.summary())
+        if result.counts["rejected"]:
+            reasons = "; ".join(f"{k}: {v}" for k, v in result.extra["rejected_reasons"].items())
+            print(f"rejected {result.counts['rejected']:,} row(s) -> {cfg.out}/rejected/ ({reasons})")
+        return 0
+    if a.data_command == "validate":
+        from cluster.embedded import init_ray
+        from pipelines.validate import ValidateConfig, validate
+
+        cfg = load_config(ValidateConfig, a.config, a.overrides, path=a.path, tables=a.tables, report=a.report)
+        init_ray(a.address, quiet=not a.verbose)
+        report = validate(cfg)
+        print(report.render())
+        print(f"{'valid' if report.ok else 'INVALID'}: {report.path} ({report.wall_s:.1f}s)")
+        return 0 if report.ok else 1
+    if a.data_command == "split":
+        from pipelines.data import SplitConfig, split
+
+        cfg = load_config(SplitConfig, a.config, a.overrides, src=a.src, out=a.out, fractions=a.fractions,
+                          folds=a.folds, seed=a.seed)
+        print(split(cfg).summary())
+        return 0
+    if a.data_command == "synth":
+        from pipelines.synth import SynthConfig, synth
+
+        cfg = load_config(SynthConfig, a.config, a.overrides, out=a.out, entities=a.entities, seed=a.seed)
+        result = synth(cfg)
+        print(result.summary(), "grades:", result.extra["grades"])
+        return 0
+    raise AssertionError(a.data_command)
+
+
+def _cmd_cluster(a: argparse.Namespace) -> int:
+    from cluster import local
+
+    if a.cluster_command == "up":
+        c = local.up(a.workers, name=a.name, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node)
+        print(f"cluster '{c.name}' up: {len(c.nodes)} nodes on 127.0.0.1")
+        print(f"  GCS address   {c.gcs_address}      (augrel --address {c.gcs_address} ...)")
+        print(f"  Jobs API      {c.dashboard_url}  (augrel submit --address {c.dashboard_url} -- ...)")
+        print(f"  logs          {os.path.dirname(c.nodes[0].log)}")
+        return 0
+    if a.cluster_command == "down":
+        stopped = local.down(a.name)
+        print(f"cluster '{a.name}' down: stopped {', '.join(stopped) or 'nothing (already stopped)'}")
+        return 0
+    if a.cluster_command == "status":
+        print(json.dumps(local.status(a.name), indent=2))
+        return 0
+    if a.cluster_command == "profile":
+        from cluster.profiles import load_profile
+
+        print(json.dumps(load_profile(a.name).model_dump(), indent=2))
+        return 0
+    raise AssertionError(a.cluster_command)
+
+
+def _cmd_submit(a: argparse.Namespace) -> int:
+    from cluster.submit import EXIT_CODES, submit
+    from pipelines.stage import parse_overrides
+
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    env = {k: str(v) for k, v in parse_overrides(a.env).items()}
+    _, status = submit(args, address=a.job_address, wait=not a.no_wait, env_vars=env)
+    return EXIT_CODES.get(status, 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    handlers = {"data": _cmd_data, "cluster": _cmd_cluster, "submit": _cmd_submit}
+    try:
+        return handlers[a.command](a)
+    except AugrelError as e:
+        if a.verbose:
+            raise
+        print(f"augrel: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("augrel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
