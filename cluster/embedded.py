@@ -56,11 +56,18 @@ def init_ray(
         os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
-    log_path = Path(log_file) if log_file else augrel_home() / "logs" / f"augrel-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_path = (
+        Path(log_file)
+        if log_file
+        else augrel_home() / "logs" / f"augrel-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    )
     _log_to_file(log_path)
     if ray.is_initialized():
         return _describe(ray, log_path)
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
+    kwargs: dict[str, Any] = {
+        "log_to_driver": not quiet,
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+    }
     if address in (None, "local"):
         kwargs.update(
             address="local",
@@ -71,7 +78,11 @@ def init_ray(
         )
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
-        log.info("starting embedded Ray: %s CPUs, %.1f GiB object store", kwargs["num_cpus"], kwargs["object_store_memory"] / 2**30)
+        log.info(
+            "starting embedded Ray: %s CPUs, %.1f GiB object store",
+            kwargs["num_cpus"],
+            kwargs["object_store_memory"] / 2**30,
+        )
     else:
         kwargs["address"] = address
         log.info("joining Ray cluster at %s", address)

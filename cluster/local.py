@@ -7,6 +7,7 @@ process ids in ``$AUGREL_HOME/clusters/<name>.json``. ``down`` stops exactly tho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,18 +81,36 @@ def _group_alive(pgid: int) -> bool:
     return bool(_group_members(pgid))
 
 
+def ray_auth_token() -> str | None:
+    """Ray's token (``$RAY_AUTH_TOKEN``, the file at ``$RAY_AUTH_TOKEN_PATH``, or ~/.ray/auth_token), if any."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return path.read_text().strip() if path.exists() else None
+
+
+def auth_headers() -> dict[str, str]:
+    token = ray_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _get(url: str, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers=auth_headers())
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
+        _get(url, timeout)
+        return True
     except OSError:
         return False
 
 
 def _alive_nodes(dashboard_url: str) -> int:
     try:
-        with urllib.request.urlopen(f"{dashboard_url}/nodes?view=summary", timeout=3) as r:
-            data = json.loads(r.read())
+        data = json.loads(_get(f"{dashboard_url}/nodes?view=summary", timeout=3))
         return sum(1 for n in data["data"]["summary"] if n.get("raylet", {}).get("state") == "ALIVE")
     except (OSError, KeyError, ValueError):
         return 0
@@ -129,13 +148,27 @@ def up(
     temp_dir = f"/tmp/augrel-{name}-{port}"
     log_dir = augrel_home() / "clusters" / f"{name}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # Token auth on, as Ray 2.60 defaults to: nodes, drivers and `augrel submit` all read the same token.
+    if ray_auth_token() is None:
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     # Job drivers run `python -m pipelines.cli`: make the interpreter that runs augrel the one on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     store = str(default_object_store_bytes(n_nodes))
-    base = [sys.executable, "-m", "cluster.raystart", "start", "--block", f"--num-cpus={cpus}",
-            f"--num-gpus={gpus_per_node}", f"--object-store-memory={store}", "--disable-usage-stats"]
+    base = [
+        sys.executable,
+        "-m",
+        "cluster.raystart",
+        "start",
+        "--block",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus_per_node}",
+        f"--object-store-memory={store}",
+        "--disable-usage-stats",
+    ]
     cluster = LocalCluster(
         name=name,
         gcs_address=f"127.0.0.1:{port}",
@@ -149,8 +182,13 @@ def up(
         log = log_dir / f"{role}.log"
         with open(log, "w") as fh:
             proc = subprocess.Popen(
-                base + args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=node_env, cwd=cwd, start_new_session=True,  # own process group: `down` stops exactly it
+                base + args,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=node_env,
+                cwd=cwd,
+                start_new_session=True,  # own process group: `down` stops exactly it
             )
         cluster.nodes.append(NodeProc(role, proc.pid, str(log)))
         cluster.save()
@@ -162,14 +200,29 @@ def up(
         ids = range(i * gpus_per_node, (i + 1) * gpus_per_node)
         return dict(env, CUDA_VISIBLE_DEVICES=",".join(map(str, ids)))
 
-    spawn("head", ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                   "--include-dashboard=true", f"--temp-dir={temp_dir}"], gpu_env(0))
+    spawn(
+        "head",
+        [
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+        ],
+        gpu_env(0),
+    )
     deadline = time.monotonic() + timeout_s
     try:
         _wait(lambda: _http_ok(f"{cluster.dashboard_url}/api/version"), deadline, cluster, "the head node")
         for i in range(workers):
             spawn(f"worker-{i}", [f"--address={cluster.gcs_address}"], gpu_env(i + 1))
-        _wait(lambda: _alive_nodes(cluster.dashboard_url) >= n_nodes, deadline, cluster, f"{n_nodes} alive nodes")
+        _wait(
+            lambda: _alive_nodes(cluster.dashboard_url) >= n_nodes,
+            deadline,
+            cluster,
+            f"{n_nodes} alive nodes",
+        )
     except ClusterError:
         down(name)
         raise
@@ -183,7 +236,9 @@ def _wait(ok, deadline: float, cluster: LocalCluster, what: str) -> None:
         dead = [n for n in cluster.nodes if not _group_alive(n.pid)]
         if dead:
             tail = Path(dead[0].log).read_text()[-2000:]
-            raise ClusterError(f"{dead[0].role} exited while waiting for {what}; its log ({dead[0].log}) ends:\n{tail}")
+            raise ClusterError(
+                f"{dead[0].role} exited while waiting for {what}; its log ({dead[0].log}) ends:\n{tail}"
+            )
         time.sleep(0.5)
     raise ClusterError(f"timed out waiting for {what}; logs in {Path(cluster.nodes[0].log).parent}")
 
@@ -197,18 +252,14 @@ def down(name: str = "local", grace_s: float = 20.0) -> list[str]:
     for node in reversed(cluster.nodes):
         if not _group_alive(node.pid):
             continue
-        try:  # `ray start --block` stops its own children on SIGTERM
+        with contextlib.suppress(ProcessLookupError):  # `ray start --block` stops its own children on SIGTERM
             os.kill(node.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and _group_alive(node.pid):
             time.sleep(0.3)
         for p in _group_members(node.pid):  # whatever did not stop in time
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         stopped.append(node.role)
     LocalCluster.state_path(name).unlink(missing_ok=True)
     return stopped

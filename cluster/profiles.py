@@ -96,7 +96,9 @@ def deepspeed_config(name_or_path: str = "zero2", **fill: Any) -> dict[str, Any]
     if not path.suffix:
         path = DEEPSPEED_DIR / f"{name_or_path}.json"
     if not path.exists():
-        raise ConfigError(f"unknown DeepSpeed config {name_or_path!r} (known: {', '.join(deepspeed_names())})")
+        raise ConfigError(
+            f"unknown DeepSpeed config {name_or_path!r} (known: {', '.join(deepspeed_names())})"
+        )
     cfg = json.loads(path.read_text())
     cfg = copy.deepcopy(cfg)
     for key, value in fill.items():

@@ -15,12 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster.local import LocalCluster
+from cluster.local import LocalCluster, auth_headers
 from pipelines.errors import AugrelError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: Never upload these with the job: environments, caches, outputs (Ray also honours .gitignore).
-WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"]
+#: Never upload outputs and caches with the job (Ray already leaves out .git, .venv and what .gitignore lists).
+WORKING_DIR_EXCLUDES = ["runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"]
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 
 
@@ -50,7 +50,11 @@ def entrypoint(args: Sequence[str]) -> str:
 
 
 def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k in ("AUGREL_DATA_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("AUGREL_DATA_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     env.update(env_vars or {})
     return {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env}
 
@@ -68,10 +72,13 @@ def submit(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     if not args:
-        raise SubmitError("nothing to run: give the augrel command after --, e.g. `augrel submit -- data validate DIR`")
+        raise SubmitError(
+            "nothing to run: give the augrel command after --, e.g. `augrel submit -- data validate DIR`"
+        )
     url = resolve_address(address)
     try:
-        client = JobSubmissionClient(url)
+        # The token travels as a header, so this works whether or not RAY_AUTH_MODE is set here.
+        client = JobSubmissionClient(url, headers=auth_headers())
     except Exception as e:  # connection refused, wrong port, auth: say which address failed
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {e}") from None
     job_id = client.submit_job(

@@ -37,7 +37,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="read the stage config from this YAML file")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value (repeatable), e.g. --set seed=3",
     )
 
@@ -49,7 +53,9 @@ def _parse_fractions(text: str) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ConfigError(f"--fractions {text!r}: expected name=fraction,..., e.g. train=0.6,val=0.2,test=0.2") from None
+            raise ConfigError(
+                f"--fractions {text!r}: expected name=fraction,..., e.g. train=0.6,val=0.2,test=0.2"
+            ) from None
     return out
 
 
@@ -61,17 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_Formatter,
     )
-    parser.add_argument("--address", help="Ray cluster to join (GCS address, e.g. 127.0.0.1:6379); default: "
-                        "$RAY_ADDRESS, else an embedded Ray on this machine")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to join (GCS address, e.g. 127.0.0.1:6379); default: "
+        "$RAY_ADDRESS, else an embedded Ray on this machine",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ------------------------------------------------------------------ data
-    data = sub.add_parser("data", help="prepare, validate, split and synthesise datasets", formatter_class=_Formatter)
+    data = sub.add_parser(
+        "data", help="prepare, validate, split and synthesise datasets", formatter_class=_Formatter
+    )
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     p = dsub.add_parser(
-        "prepare", formatter_class=_Formatter,
+        "prepare",
+        formatter_class=_Formatter,
         help="read a public IR format and write augrel's tables (queries, docs, qrels, pairs, rejected)",
         description="Read TREC DL (topics TSV, qrels, passages JSONL), BEIR (corpus.jsonl, queries.jsonl, "
         "qrels/*.tsv), HotpotQA (IRCoT JSONL) or generic pairs (JSONL/Parquet: qid, docid, query, text[, label]) "
@@ -84,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = dsub.add_parser(
-        "validate", formatter_class=_Formatter,
+        "validate",
+        formatter_class=_Formatter,
         help="check every table in a directory against its schema (runs on Ray)",
         description="Check each table (queries, docs, pairs, qrels, judgments, run) under DIR: required columns "
         "and types, nulls, empty ids and queries, grades on the scale, probabilities, ranks, duplicate keys "
@@ -96,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = dsub.add_parser(
-        "split", formatter_class=_Formatter,
+        "split",
+        formatter_class=_Formatter,
         help="query-level train/val/test splits (seeded; a query is never in two splits)",
         description="Assign each judged query of a prepared dataset to one split, deterministically for the "
         "seed, and write OUT/splits/ (qid, split[, fold]) plus OUT/<split>/{queries,qrels,pairs}/.",
@@ -109,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = dsub.add_parser(
-        "synth", formatter_class=_Formatter,
+        "synth",
+        formatter_class=_Formatter,
         help="write a synthetic graded corpus (BEIR layout) whose labels follow from how it was generated",
         description="Generate fictional towns, companies and species with facts, queries asking for one fact, and "
         "passages whose 0-3 grade for each query is known by construction (answers, partial answers, same "
@@ -121,33 +136,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     # --------------------------------------------------------------- cluster
-    cl = sub.add_parser("cluster", help="a real multi-node Ray cluster on this machine (127.0.0.1)",
-                        formatter_class=_Formatter)
+    cl = sub.add_parser(
+        "cluster",
+        help="a real multi-node Ray cluster on this machine (127.0.0.1)",
+        formatter_class=_Formatter,
+    )
     csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
-    p = csub.add_parser("up", help="start a head node and N worker nodes on 127.0.0.1", formatter_class=_Formatter)
+    p = csub.add_parser(
+        "up", help="start a head node and N worker nodes on 127.0.0.1", formatter_class=_Formatter
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-node", type=int, help="CPUs each node offers (default: cores / nodes)")
     p.add_argument("--gpus-per-node", type=int, default=0)
     p.add_argument("--name", default="local")
-    p = csub.add_parser("down", help="stop exactly the processes `cluster up` started", formatter_class=_Formatter)
+    p = csub.add_parser(
+        "down", help="stop exactly the processes `cluster up` started", formatter_class=_Formatter
+    )
     p.add_argument("--name", default="local")
-    p = csub.add_parser("status", help="show the local cluster's nodes and addresses", formatter_class=_Formatter)
+    p = csub.add_parser(
+        "status", help="show the local cluster's nodes and addresses", formatter_class=_Formatter
+    )
     p.add_argument("--name", default="local")
-    p = csub.add_parser("profile", help="print a resource profile (cpu-small, gpu-1, gpu-8)", formatter_class=_Formatter)
+    p = csub.add_parser(
+        "profile", help="print a resource profile (cpu-small, gpu-1, gpu-8)", formatter_class=_Formatter
+    )
     p.add_argument("name", nargs="?", default="cpu-small")
 
     # ---------------------------------------------------------------- submit
     p = sub.add_parser(
-        "submit", formatter_class=_Formatter,
+        "submit",
+        formatter_class=_Formatter,
         help="run an augrel command as a Ray job (Jobs API), follow its logs, exit with its status",
         description="Submit `augrel ARGS...` to a Ray cluster's Jobs API with this repository as working_dir. "
         "Exit status: 0 SUCCEEDED, 1 FAILED, 2 STOPPED. Paths in ARGS are read on the cluster.",
         usage="augrel submit [--address URL] [--no-wait] -- ARGS...",
     )
-    p.add_argument("--address", dest="job_address",
-                   help="Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, else the "
-                   "cluster from `augrel cluster up`)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p.add_argument(
+        "--address",
+        dest="job_address",
+        help="Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, else the "
+        "cluster from `augrel cluster up`)",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return without following logs"
+    )
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the augrel command to run, after --")
     return parser
@@ -159,8 +191,15 @@ def _cmd_data(a: argparse.Namespace) -> int:
     if a.data_command == "prepare":
         from pipelines.data import PrepareConfig, prepare
 
-        cfg = load_config(PrepareConfig, a.config, a.overrides, format=a.format, src=a.src, out=a.out,
-                          beir_split=a.beir_split)
+        cfg = load_config(
+            PrepareConfig,
+            a.config,
+            a.overrides,
+            format=a.format,
+            src=a.src,
+            out=a.out,
+            beir_split=a.beir_split,
+        )
         result = prepare(cfg)
         print(result.summary())
         if result.counts["rejected"]:
@@ -171,8 +210,12 @@ def _cmd_data(a: argparse.Namespace) -> int:
         from cluster.embedded import init_ray
         from pipelines.validate import ValidateConfig, validate
 
-        cfg = load_config(ValidateConfig, a.config, a.overrides, path=a.path, tables=a.tables, report=a.report)
-        init_ray(a.address, quiet=not a.verbose)
+        cfg = load_config(
+            ValidateConfig, a.config, a.overrides, path=a.path, tables=a.tables, report=a.report
+        )
+        ray_info = init_ray(a.address, quiet=not a.verbose)
+        cpus = int(ray_info["resources"].get("CPU", 0))
+        print(f"ray: {ray_info['nodes']} node(s), {cpus} CPU(s) at {ray_info['address']}")
         report = validate(cfg)
         print(report.render())
         print(f"{'valid' if report.ok else 'INVALID'}: {report.path} ({report.wall_s:.1f}s)")
@@ -180,8 +223,16 @@ def _cmd_data(a: argparse.Namespace) -> int:
     if a.data_command == "split":
         from pipelines.data import SplitConfig, split
 
-        cfg = load_config(SplitConfig, a.config, a.overrides, src=a.src, out=a.out, fractions=a.fractions,
-                          folds=a.folds, seed=a.seed)
+        cfg = load_config(
+            SplitConfig,
+            a.config,
+            a.overrides,
+            src=a.src,
+            out=a.out,
+            fractions=a.fractions,
+            folds=a.folds,
+            seed=a.seed,
+        )
         print(split(cfg).summary())
         return 0
     if a.data_command == "synth":

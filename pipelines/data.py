@@ -49,7 +49,9 @@ class PrepareConfig(StageConfig):
     src: str = Field(description="input directory (or file / glob for the pairs format)")
     out: str = Field(description="output directory for the tables")
     grades: list[int] = Field(default_factory=lambda: list(T.DEFAULT_GRADES), description="the grade scale")
-    topics: str = Field("queries.tsv", description="trec-dl: topics file inside src (qid<TAB>query or TREC SGML)")
+    topics: str = Field(
+        "queries.tsv", description="trec-dl: topics file inside src (qid<TAB>query or TREC SGML)"
+    )
     qrels: str = Field("qrels.txt", description="trec-dl: qrels file inside src (qid iter docid grade)")
     corpus: str = Field("passages.jsonl", description="trec-dl: passages JSONL inside src")
     beir_split: str | None = Field(None, description="beir: qrels/<split>.tsv to read; all splits if unset")
@@ -80,7 +82,9 @@ class Loaded:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _jsonl(path: Path, table: str, rejects: list[pa.Table], desc: str | None = None) -> Iterator[tuple[int, dict]]:
+def _jsonl(
+    path: Path, table: str, rejects: list[pa.Table], desc: str | None = None
+) -> Iterator[tuple[int, dict]]:
     bad: list[Reject] = []
     lines = iter_lines(path)
     if desc:
@@ -151,7 +155,9 @@ def read_trec_topics(path: Path, rejects: list[pa.Table]) -> pa.Table:
         lines.append(lineno)
     if bad:
         rejects.append(T.rejected_rows("queries", str(path), bad))
-    return pa.table({"qid": pa.array(qids, pa.string()), "query": pa.array(queries, pa.string()), "_line": lines})
+    return pa.table(
+        {"qid": pa.array(qids, pa.string()), "query": pa.array(queries, pa.string()), "_line": lines}
+    )
 
 
 def read_trec_qrels(path: Path, grades: list[int], rejects: list[pa.Table]) -> pa.Table:
@@ -176,7 +182,12 @@ def read_trec_qrels(path: Path, grades: list[int], rejects: list[pa.Table]) -> p
     if bad:
         rejects.append(T.rejected_rows("qrels", str(path), bad))
     return pa.table(
-        {"qid": qids, "docid": docids, "label": pa.array(labels, pa.int8()), "_line": pa.array(lines, pa.int64())}
+        {
+            "qid": qids,
+            "docid": docids,
+            "label": pa.array(labels, pa.int8()),
+            "_line": pa.array(lines, pa.int64()),
+        }
     )
 
 
@@ -189,7 +200,9 @@ def _docs_from_jsonl(path: Path, rejects: list[pa.Table]) -> pa.Table:
             bad.append((lineno, f"missing document id (one of {list(_DOCID_KEYS)})", json.dumps(obj)[:500]))
             continue
         if key is None or not isinstance(text, str):
-            bad.append((lineno, f"missing or non-text body (one of {list(_TEXT_KEYS)})", json.dumps(obj)[:500]))
+            bad.append(
+                (lineno, f"missing or non-text body (one of {list(_TEXT_KEYS)})", json.dumps(obj)[:500])
+            )
             continue
         title, url = obj.get("title"), obj.get("url")
         docids.append(_id(docid))
@@ -276,9 +289,13 @@ def load_beir(cfg: PrepareConfig) -> Loaded:
         if badq:
             rejects.append(T.rejected_rows("qrels", str(f), badq))
         qrels_parts.append(
-            pa.table({"qid": qq, "docid": dd, "label": pa.array(ll, pa.int8()), "_line": pa.array(li, pa.int64())})
+            pa.table(
+                {"qid": qq, "docid": dd, "label": pa.array(ll, pa.int8()), "_line": pa.array(li, pa.int64())}
+            )
         )
-    qtable = pa.table({"qid": pa.array(qids, pa.string()), "query": pa.array(queries, pa.string()), "_line": lines})
+    qtable = pa.table(
+        {"qid": pa.array(qids, pa.string()), "query": pa.array(queries, pa.string()), "_line": lines}
+    )
     sources = {"queries": str(qpath), "docs": str(src / "corpus.jsonl"), "qrels": str(qdir)}
     return Loaded(qtable, docs, pa.concat_tables(qrels_parts), rejects, sources=sources)
 
@@ -300,7 +317,9 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
         qid, query = _id(obj.get("question_id")), obj.get("question_text")
         contexts = obj.get("contexts")
         if qid is None or not isinstance(query, str) or not isinstance(contexts, list):
-            bad.append((lineno, "expected question_id, question_text and a contexts list", json.dumps(obj)[:500]))
+            bad.append(
+                (lineno, "expected question_id, question_text and a contexts list", json.dumps(obj)[:500])
+            )
             continue
         answers = [s for a in obj.get("answers_objects") or [] for s in (a.get("spans") or [])]
         q["qid"].append(qid)
@@ -310,7 +329,9 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
         for ctx in contexts:
             cid, text = _id(ctx.get("id")), ctx.get("paragraph_text")
             if cid is None or not isinstance(text, str):
-                bad.append((lineno, f"question {qid}: context without id or paragraph_text", json.dumps(ctx)[:500]))
+                bad.append(
+                    (lineno, f"question {qid}: context without id or paragraph_text", json.dumps(ctx)[:500])
+                )
                 continue
             docid = f"{qid}-{cid}"
             d["docid"].append(docid)
@@ -341,7 +362,9 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
             "_line": pa.array(r["_line"], pa.int64()),
         }
     )
-    return Loaded(queries, docs, qrels, rejects, sources=dict.fromkeys(("queries", "docs", "qrels"), str(path)))
+    return Loaded(
+        queries, docs, qrels, rejects, sources=dict.fromkeys(("queries", "docs", "qrels"), str(path))
+    )
 
 
 def load_pairs(cfg: PrepareConfig) -> Loaded:
@@ -363,7 +386,13 @@ def load_pairs(cfg: PrepareConfig) -> Loaded:
                 if label is not None:
                     g = _grade(str(label), cfg.grades) if not isinstance(label, bool) else None
                     if g is None:
-                        bad.append((lineno, f"unknown grade {label!r} (grades are {cfg.grades})", json.dumps(obj)[:500]))
+                        bad.append(
+                            (
+                                lineno,
+                                f"unknown grade {label!r} (grades are {cfg.grades})",
+                                json.dumps(obj)[:500],
+                            )
+                        )
                         continue
                     row["label"] = g
                 for k in ("query", "text", "title", "url"):
@@ -416,7 +445,11 @@ def _reject_orphans(
         idx = pa.array(np.flatnonzero(bad))
         rows = qrels.take(idx).to_pylist()
         rejects.append(
-            T.rejected_rows("qrels", source, [(None, str(reasons[i]), repr(r)) for i, r in zip(np.flatnonzero(bad), rows)])
+            T.rejected_rows(
+                "qrels",
+                source,
+                [(None, str(reasons[i]), repr(r)) for i, r in zip(np.flatnonzero(bad), rows, strict=False)],
+            )
         )
     return qrels.filter(pa.array(~bad))
 
@@ -424,7 +457,9 @@ def _reject_orphans(
 def build_pairs(qrels: pa.Table, queries: pa.Table, docs: pa.Table) -> pa.Table:
     """Join judged (qid, docid) with the query and document texts, in qrels order."""
     joined = qrels.join(queries.select(["qid", "query"]), "qid", join_type="inner", use_threads=False)
-    joined = joined.join(docs.select(["docid", "text", "title", "url"]), "docid", join_type="inner", use_threads=False)
+    joined = joined.join(
+        docs.select(["docid", "text", "title", "url"]), "docid", join_type="inner", use_threads=False
+    )
     joined = joined.sort_by([("qid", "ascending"), ("docid", "ascending")])
     return T.conform(T.PAIRS, joined)
 
@@ -438,7 +473,10 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         if loaded.pairs is not None:
             pairs = _apply_rules(T.PAIRS, loaded.pairs, src, cfg.grades, rejects)
             queries = _first_per_key(pairs.select(["qid", "query"]), "qid")
-            docs = _first_per_key(pairs.select([c for c in ("docid", "text", "title", "url") if c in pairs.column_names]), "docid")
+            docs = _first_per_key(
+                pairs.select([c for c in ("docid", "text", "title", "url") if c in pairs.column_names]),
+                "docid",
+            )
             docs = T.conform(T.DOCS, docs)
             labelled = pc.is_valid(pairs.column("label"))
             qrels = T.conform(T.QRELS, pairs.filter(labelled).select(["qid", "docid", "label"]))
@@ -466,7 +504,12 @@ def prepare(cfg: PrepareConfig) -> StageResult:
     grades_hist = {str(g): int(n) for g, n in sorted(_value_counts(qrels.column("label")).items())}
     reasons = {str(k): int(v) for k, v in _value_counts(rejected.column("reason")).items()}
     return write_stage_files(
-        out, "data.prepare", cfg, counts, [src], timer.seconds,
+        out,
+        "data.prepare",
+        cfg,
+        counts,
+        [src],
+        timer.seconds,
         {"tables": ["queries", "docs", "qrels", "pairs"], "grades": grades_hist, "rejected_reasons": reasons},
     )
 
@@ -528,7 +571,7 @@ def assign_splits(qids: list[str], fractions: dict[str, float], seed: int) -> di
             sizes[int(np.argmax(sizes))] -= 1
     out: dict[str, str] = {}
     start = 0
-    for n, size in zip(names, sizes):
+    for n, size in zip(names, sizes, strict=False):
         for j in order[start : start + size]:
             out[uniq[j]] = n
         start += size

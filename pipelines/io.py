@@ -56,7 +56,9 @@ def read_table(path_or_glob: str | os.PathLike) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
-def write_table(out_dir: str | os.PathLike, table: pa.Table, rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> list[Path]:
+def write_table(
+    out_dir: str | os.PathLike, table: pa.Table, rows_per_file: int = DEFAULT_ROWS_PER_FILE
+) -> list[Path]:
     """Write ``table`` as ``out_dir/part-00000.parquet`` ... replacing earlier part files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

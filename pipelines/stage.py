@@ -77,26 +77,27 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
 
 def load_config(
     cls: type[C],
-    path: str | os.PathLike | None = None,
+    config_path: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
+    /,
     section: str | None = None,
     **values: Any,
 ) -> C:
     """Build a config from a YAML file (or one ``section`` of it), explicit values, then ``--set`` overrides."""
     data: dict[str, Any] = {}
     source = "command line"
-    if path is not None:
-        source = str(path)
+    if config_path is not None:
+        source = str(config_path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = yaml.safe_load(Path(config_path).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            raise ConfigError(f"{config_path}: no such config file") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{config_path}: not valid YAML: {e}") from None
         if section is not None:
             loaded = loaded.get(section, {})
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values")
+            raise ConfigError(f"{config_path}: expected a mapping of keys to values")
         data = loaded
     data = deep_merge(data, {k: v for k, v in values.items() if v is not None})
     data = deep_merge(data, parse_overrides(overrides))
@@ -112,11 +113,16 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -38,31 +38,145 @@ class SynthConfig(StageConfig):
     out: str = Field(description="output directory (BEIR layout)")
     entities: int = Field(100, ge=4, description="fictional entities (split over towns, companies, species)")
     queries_per_entity: int = Field(2, ge=1, le=5, description="aspects asked about per entity")
-    distractors: int = Field(6, ge=0, description="same-aspect passages of other entities per query (grade 0)")
+    distractors: int = Field(
+        6, ge=0, description="same-aspect passages of other entities per query (grade 0)"
+    )
     random_negatives: int = Field(4, ge=0, description="passages of other kinds per query (grade 0)")
     seed: int = 7
 
 
-_SYL_A = ["mar", "vel", "tor", "brin", "cal", "dun", "fen", "gar", "hal", "kel", "lor", "mel", "nor", "ost",
-          "pel", "quin", "ros", "sal", "tam", "ul", "var", "wen", "yar", "zel", "ash", "bel", "cor", "dra"]
+_SYL_A = [
+    "mar",
+    "vel",
+    "tor",
+    "brin",
+    "cal",
+    "dun",
+    "fen",
+    "gar",
+    "hal",
+    "kel",
+    "lor",
+    "mel",
+    "nor",
+    "ost",
+    "pel",
+    "quin",
+    "ros",
+    "sal",
+    "tam",
+    "ul",
+    "var",
+    "wen",
+    "yar",
+    "zel",
+    "ash",
+    "bel",
+    "cor",
+    "dra",
+]
 _SYL_B = ["a", "e", "i", "o", "ai", "ou", "ea", "ie"]
 _SYL_C = ["dene", "wick", "ford", "mere", "holt", "stead", "ton", "ridge", "vale", "brook", "moor", "burgh"]
-_FIRST = ["Ada", "Bruno", "Celia", "Darius", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
-          "Luca", "Mira", "Nils", "Olga", "Pavel", "Rosa", "Soren", "Tara", "Viktor", "Wanda", "Yusuf"]
-_LAST = ["Albright", "Brandt", "Castell", "Drummond", "Eckhart", "Falk", "Grieve", "Halloran", "Ivers",
-         "Jarrow", "Kessler", "Lindqvist", "Marsh", "Novak", "Orsini", "Prentice", "Quill", "Rourke"]
+_FIRST = [
+    "Ada",
+    "Bruno",
+    "Celia",
+    "Darius",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Luca",
+    "Mira",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Rosa",
+    "Soren",
+    "Tara",
+    "Viktor",
+    "Wanda",
+    "Yusuf",
+]
+_LAST = [
+    "Albright",
+    "Brandt",
+    "Castell",
+    "Drummond",
+    "Eckhart",
+    "Falk",
+    "Grieve",
+    "Halloran",
+    "Ivers",
+    "Jarrow",
+    "Kessler",
+    "Lindqvist",
+    "Marsh",
+    "Novak",
+    "Orsini",
+    "Prentice",
+    "Quill",
+    "Rourke",
+]
 _RIVERS = ["Ashwater", "Blackreed", "Coldspring", "Dimmock", "Elderflow", "Greyling", "Hollins", "Silvermere"]
-_INDUSTRY = ["shipbuilding", "wool weaving", "copper mining", "glassmaking", "salmon fishing", "paper milling",
-             "clockmaking", "tea blending", "stone quarrying", "cider pressing"]
-_FESTIVAL = ["Lantern Festival", "Harvest Fair", "Kite Week", "River Regatta", "Winter Market",
-             "Bell Ringing Day", "Cheese Rolling", "Midsummer Parade"]
+_INDUSTRY = [
+    "shipbuilding",
+    "wool weaving",
+    "copper mining",
+    "glassmaking",
+    "salmon fishing",
+    "paper milling",
+    "clockmaking",
+    "tea blending",
+    "stone quarrying",
+    "cider pressing",
+]
+_FESTIVAL = [
+    "Lantern Festival",
+    "Harvest Fair",
+    "Kite Week",
+    "River Regatta",
+    "Winter Market",
+    "Bell Ringing Day",
+    "Cheese Rolling",
+    "Midsummer Parade",
+]
 _MONTHS = ["March", "April", "May", "June", "July", "August", "September", "October"]
-_PRODUCTS = ["industrial pumps", "bicycle frames", "hearing aids", "solar inverters", "garden tools",
-             "accounting software", "ceramic tiles", "electric ferries", "water filters", "drone cameras"]
-_HABITAT = ["cold mountain streams", "salt marshes", "dry pine forests", "coral reefs", "high meadows",
-            "mangrove swamps", "limestone caves", "river deltas"]
-_FOOD = ["beetles and their larvae", "fallen fruit", "small fish", "seeds and grasses", "snails",
-         "nectar from night-blooming flowers", "algae scraped from rocks", "mosquito larvae"]
+_PRODUCTS = [
+    "industrial pumps",
+    "bicycle frames",
+    "hearing aids",
+    "solar inverters",
+    "garden tools",
+    "accounting software",
+    "ceramic tiles",
+    "electric ferries",
+    "water filters",
+    "drone cameras",
+]
+_HABITAT = [
+    "cold mountain streams",
+    "salt marshes",
+    "dry pine forests",
+    "coral reefs",
+    "high meadows",
+    "mangrove swamps",
+    "limestone caves",
+    "river deltas",
+]
+_FOOD = [
+    "beetles and their larvae",
+    "fallen fruit",
+    "small fish",
+    "seeds and grasses",
+    "snails",
+    "nectar from night-blooming flowers",
+    "algae scraped from rocks",
+    "mosquito larvae",
+]
 _COLORS = ["olive green", "rust red", "slate grey", "pale yellow", "deep blue", "sandy brown"]
 _PATTERNS = ["black spots", "white stripes along its back", "an orange throat", "speckled wings"]
 _FILLER = [
@@ -90,85 +204,160 @@ class Aspect:
 
 KINDS: dict[str, list[Aspect]] = {
     "town": [
-        Aspect("founded", "when was {e} founded",
-               ("{e} was founded in {year} by settlers who came up the valley from the coast.",
-                "The founding of {e} in {year} is remembered every spring with a small ceremony in the old square."),
-               "{e} was founded in {year}.",
-               "Like its neighbour {e}, {o} began as a small farming settlement."),
-        Aspect("population", "what is the population of {e}",
-               ("{e} has a population of about {pop:,} people, according to the most recent census.",
-                "The number of residents in {e} has grown slowly, reaching roughly {pop:,} today."),
-               "About {pop:,} people live in {e}.",
-               "{o} has grown faster than nearby {e} over the past decade."),
-        Aspect("river", "which river flows through {e}",
-               ("The {river} River flows through {e}, dividing the old town from the newer districts.",
-                "Three stone bridges cross the {river} River in the centre of {e}."),
-               "The {river} River runs through {e}.",
-               "Unlike {e}, {o} lies on a river that floods almost every winter."),
-        Aspect("industry", "what is the main industry in {e}",
-               ("The economy of {e} depends mainly on {industry}, which employs most of its workers.",
-                "For over a century {industry} has been the main source of jobs in {e}."),
-               "{e} is known for {industry}.",
-               "{o} once competed with {e} for the same trade, before turning to tourism."),
-        Aspect("festival", "what festival is {e} known for",
-               ("{e} is known for its annual {festival}, held each {month}.",
-                "Thousands of visitors come to {e} every {month} for the {festival}."),
-               "{e} holds the {festival} every {month}.",
-               "Visitors to the festivals of {e} often stay overnight in nearby {o}."),
+        Aspect(
+            "founded",
+            "when was {e} founded",
+            (
+                "{e} was founded in {year} by settlers who came up the valley from the coast.",
+                "The founding of {e} in {year} is remembered every spring with a small ceremony in the old square.",
+            ),
+            "{e} was founded in {year}.",
+            "Like its neighbour {e}, {o} began as a small farming settlement.",
+        ),
+        Aspect(
+            "population",
+            "what is the population of {e}",
+            (
+                "{e} has a population of about {pop:,} people, according to the most recent census.",
+                "The number of residents in {e} has grown slowly, reaching roughly {pop:,} today.",
+            ),
+            "About {pop:,} people live in {e}.",
+            "{o} has grown faster than nearby {e} over the past decade.",
+        ),
+        Aspect(
+            "river",
+            "which river flows through {e}",
+            (
+                "The {river} River flows through {e}, dividing the old town from the newer districts.",
+                "Three stone bridges cross the {river} River in the centre of {e}.",
+            ),
+            "The {river} River runs through {e}.",
+            "Unlike {e}, {o} lies on a river that floods almost every winter.",
+        ),
+        Aspect(
+            "industry",
+            "what is the main industry in {e}",
+            (
+                "The economy of {e} depends mainly on {industry}, which employs most of its workers.",
+                "For over a century {industry} has been the main source of jobs in {e}.",
+            ),
+            "{e} is known for {industry}.",
+            "{o} once competed with {e} for the same trade, before turning to tourism.",
+        ),
+        Aspect(
+            "festival",
+            "what festival is {e} known for",
+            (
+                "{e} is known for its annual {festival}, held each {month}.",
+                "Thousands of visitors come to {e} every {month} for the {festival}.",
+            ),
+            "{e} holds the {festival} every {month}.",
+            "Visitors to the festivals of {e} often stay overnight in nearby {o}.",
+        ),
     ],
     "company": [
-        Aspect("founded", "when was {e} founded",
-               ("{e} was founded in {year} by two engineers working out of a rented garage.",
-                "Since its founding in {year}, {e} has been owned by the same family."),
-               "{e} was founded in {year}.",
-               "{o} was started by former employees of {e}."),
-        Aspect("ceo", "who is the ceo of {e}",
-               ("{person} has served as chief executive officer of {e} since {year2}.",
-                "As CEO, {person} has led {e} through two large acquisitions."),
-               "{e} is run by chief executive {person}.",
-               "The chief executive of {o} used to sit on the board of {e}."),
-        Aspect("product", "what does {e} make",
-               ("{e} makes {product}, which it sells in more than {n} countries.",
-                "Most of the revenue of {e} comes from its line of {product}."),
-               "{e} manufactures {product}.",
-               "{o} is a supplier to {e} but sells under its own brand as well."),
-        Aspect("headquarters", "where is {e} headquartered",
-               ("{e} is headquartered in {city}, where it occupies a campus of {n} buildings.",
-                "The head office of {e} moved to {city} in {year2}."),
-               "{e} has its headquarters in {city}.",
-               "{o} opened an office across the street from {e}."),
-        Aspect("employees", "how many employees does {e} have",
-               ("{e} employs roughly {staff:,} people worldwide.",
-                "The workforce of {e} has grown to about {staff:,} employees."),
-               "{e} has about {staff:,} employees.",
-               "{o} hired several hundred people who had left {e}."),
+        Aspect(
+            "founded",
+            "when was {e} founded",
+            (
+                "{e} was founded in {year} by two engineers working out of a rented garage.",
+                "Since its founding in {year}, {e} has been owned by the same family.",
+            ),
+            "{e} was founded in {year}.",
+            "{o} was started by former employees of {e}.",
+        ),
+        Aspect(
+            "ceo",
+            "who is the ceo of {e}",
+            (
+                "{person} has served as chief executive officer of {e} since {year2}.",
+                "As CEO, {person} has led {e} through two large acquisitions.",
+            ),
+            "{e} is run by chief executive {person}.",
+            "The chief executive of {o} used to sit on the board of {e}.",
+        ),
+        Aspect(
+            "product",
+            "what does {e} make",
+            (
+                "{e} makes {product}, which it sells in more than {n} countries.",
+                "Most of the revenue of {e} comes from its line of {product}.",
+            ),
+            "{e} manufactures {product}.",
+            "{o} is a supplier to {e} but sells under its own brand as well.",
+        ),
+        Aspect(
+            "headquarters",
+            "where is {e} headquartered",
+            (
+                "{e} is headquartered in {city}, where it occupies a campus of {n} buildings.",
+                "The head office of {e} moved to {city} in {year2}.",
+            ),
+            "{e} has its headquarters in {city}.",
+            "{o} opened an office across the street from {e}.",
+        ),
+        Aspect(
+            "employees",
+            "how many employees does {e} have",
+            (
+                "{e} employs roughly {staff:,} people worldwide.",
+                "The workforce of {e} has grown to about {staff:,} employees.",
+            ),
+            "{e} has about {staff:,} employees.",
+            "{o} hired several hundred people who had left {e}.",
+        ),
     ],
     "species": [
-        Aspect("habitat", "where does the {e} live",
-               ("The {e} lives in {habitat}, where it shelters under stones during the day.",
-                "Field surveys find the {e} almost only in {habitat}."),
-               "The {e} is found in {habitat}.",
-               "The {o} is often mistaken for the {e} by casual observers."),
-        Aspect("diet", "what does the {e} eat",
-               ("The {e} feeds mainly on {food}.",
-                "Studies of its stomach contents show that the {e} eats {food} for most of the year."),
-               "Its diet consists of {food}.",
-               "The {o} competes with the {e} for food in some areas."),
-        Aspect("lifespan", "how long does the {e} live",
-               ("The {e} typically lives {life} to {life2} years in the wild.",
-                "In captivity a {e} can live a few years longer than its usual {life} to {life2} years."),
-               "The {e} lives for {life} to {life2} years.",
-               "The {o} lives far longer than the {e}, according to one study."),
-        Aspect("size", "how big does the {e} get",
-               ("Adult {e} individuals grow to about {size} centimetres in length.",
-                "At about {size} centimetres long, the {e} is small for its family."),
-               "Adults reach about {size} centimetres.",
-               "The {o} is roughly twice the size of the {e}."),
-        Aspect("color", "what color is the {e}",
-               ("The {e} is {color} with {pattern}.",
-                "Its {color} colouring and {pattern} make the {e} easy to recognise."),
-               "The {e} is {color} with {pattern}.",
-               "The {o} and the {e} differ mostly in their markings."),
+        Aspect(
+            "habitat",
+            "where does the {e} live",
+            (
+                "The {e} lives in {habitat}, where it shelters under stones during the day.",
+                "Field surveys find the {e} almost only in {habitat}.",
+            ),
+            "The {e} is found in {habitat}.",
+            "The {o} is often mistaken for the {e} by casual observers.",
+        ),
+        Aspect(
+            "diet",
+            "what does the {e} eat",
+            (
+                "The {e} feeds mainly on {food}.",
+                "Studies of its stomach contents show that the {e} eats {food} for most of the year.",
+            ),
+            "Its diet consists of {food}.",
+            "The {o} competes with the {e} for food in some areas.",
+        ),
+        Aspect(
+            "lifespan",
+            "how long does the {e} live",
+            (
+                "The {e} typically lives {life} to {life2} years in the wild.",
+                "In captivity a {e} can live a few years longer than its usual {life} to {life2} years.",
+            ),
+            "The {e} lives for {life} to {life2} years.",
+            "The {o} lives far longer than the {e}, according to one study.",
+        ),
+        Aspect(
+            "size",
+            "how big does the {e} get",
+            (
+                "Adult {e} individuals grow to about {size} centimetres in length.",
+                "At about {size} centimetres long, the {e} is small for its family.",
+            ),
+            "Adults reach about {size} centimetres.",
+            "The {o} is roughly twice the size of the {e}.",
+        ),
+        Aspect(
+            "color",
+            "what color is the {e}",
+            (
+                "The {e} is {color} with {pattern}.",
+                "Its {color} colouring and {pattern} make the {e} easy to recognise.",
+            ),
+            "The {e} is {color} with {pattern}.",
+            "The {o} and the {e} differ mostly in their markings.",
+        ),
     ],
 }
 _SPECIES_SUFFIX = ["warbler", "newt", "beetle", "minnow", "orchid", "shrew", "moth", "lizard"]
@@ -237,7 +426,9 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
     mixed: dict[int, list[tuple[str, str, str]]] = {}  # entity -> (docid, main aspect, side aspect)
 
     def add(doc_id: str, title: str, text: str, kind: str) -> str:
-        docs.append({"_id": doc_id, "title": title, "text": text, "url": f"https://example.org/{kind}/{doc_id}"})
+        docs.append(
+            {"_id": doc_id, "title": title, "text": text, "url": f"https://example.org/{kind}/{doc_id}"}
+        )
         return doc_id
 
     by_kind: dict[str, list[int]] = {k: [i for i, e in enumerate(entities) if e["kind"] == k] for k in kinds}
@@ -257,14 +448,19 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
         for k in range(2):
             main, side = rng.choice(len(aspects), size=2, replace=False).tolist()
             a_main, a_side = aspects[main], aspects[side]
-            text = " ".join([a_main.focused[0].format(**fmt), a_side.fact.format(**fmt), str(rng.choice(_FILLER))])
+            text = " ".join(
+                [a_main.focused[0].format(**fmt), a_side.fact.format(**fmt), str(rng.choice(_FILLER))]
+            )
             mixed.setdefault(i, []).append(
                 (add(f"{ent['id']}-mixed{k}", ent["name"], text, ent["kind"]), a_main.name, a_side.name)
             )
         mentioned = sorted(rng.choice([a.name for a in aspects], size=3, replace=False).tolist())
         body = [a.fact.format(**fmt) for a in aspects if a.name in mentioned]
         body += [str(x) for x in rng.choice(_FILLER, size=2, replace=False)]
-        overview[i] = (add(f"{ent['id']}-overview", f"About {ent['name']}", " ".join(body), ent["kind"]), set(mentioned))
+        overview[i] = (
+            add(f"{ent['id']}-overview", f"About {ent['name']}", " ".join(body), ent["kind"]),
+            set(mentioned),
+        )
         # A passage about a sibling entity that names this one in passing: related, not an answer.
         others = [j for j in by_kind[ent["kind"]] if j != i]
         o = entities[int(rng.choice(others))]
@@ -304,14 +500,19 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
             fake = _lookalike(ent["name"])
             fmt = {**entities[j]["facts"], "e": fake}
             lookalike_id = f"{ent['id']}-q{ai}-lookalike"
-            docs.append({
-                "_id": lookalike_id, "title": fake,
-                "text": " ".join(t.format(**fmt) for t in a.focused),
-                "url": f"https://example.org/{ent['kind']}/{lookalike_id}",
-            })
+            docs.append(
+                {
+                    "_id": lookalike_id,
+                    "title": fake,
+                    "text": " ".join(t.format(**fmt) for t in a.focused),
+                    "url": f"https://example.org/{ent['kind']}/{lookalike_id}",
+                }
+            )
             grades[lookalike_id] = 0
             other_kind = [d for d in all_docids if kind_of[d] != ent["kind"]]
-            for d in rng.choice(other_kind, size=min(cfg.random_negatives, len(other_kind)), replace=False).tolist():
+            for d in rng.choice(
+                other_kind, size=min(cfg.random_negatives, len(other_kind)), replace=False
+            ).tolist():
                 grades.setdefault(d, 0)
             qrels.extend((qid, d, g) for d, g in sorted(grades.items()))
     return docs, queries, qrels
@@ -331,4 +532,6 @@ def synth(cfg: SynthConfig) -> StageResult:
             fh.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in qrels)
     hist = {str(g): sum(1 for *_, x in qrels if x == g) for g in range(4)}
     counts = {"docs": len(docs), "queries": len(queries), "pairs": len(qrels)}
-    return write_stage_files(out, "data.synth", cfg, counts, [], timer.seconds, {"grades": hist, "layout": "beir"})
+    return write_stage_files(
+        out, "data.synth", cfg, counts, [], timer.seconds, {"grades": hist, "layout": "beir"}
+    )

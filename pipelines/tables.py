@@ -223,7 +223,9 @@ def conform(spec: TableSpec, table: pa.Table, path: str | None = None) -> pa.Tab
     if hard_missing:
         raise SchemaError(
             [
-                Violation(spec.name, c, None, f"missing column (the {spec.name} table needs {spec.required_names})")
+                Violation(
+                    spec.name, c, None, f"missing column (the {spec.name} table needs {spec.required_names})"
+                )
                 for c in hard_missing
             ]
         )
@@ -239,7 +241,9 @@ def conform(spec: TableSpec, table: pa.Table, path: str | None = None) -> pa.Tab
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def row_failures(spec: TableSpec, table: pa.Table, grades: Sequence[int] = DEFAULT_GRADES) -> list[RowFailure]:
+def row_failures(
+    spec: TableSpec, table: pa.Table, grades: Sequence[int] = DEFAULT_GRADES
+) -> list[RowFailure]:
     """Row rules over a conformed table: nulls, empty strings, grades, probabilities, ranks, duplicate keys."""
     out: list[RowFailure] = []
     n = table.num_rows
@@ -251,7 +255,7 @@ def row_failures(spec: TableSpec, table: pa.Table, grades: Sequence[int] = DEFAU
             continue
         arr = table.column(col.name)
         if not col.nullable and arr.null_count:
-            out.append(RowFailure(col.name, "null value", _mask(pc.is_null(arr))))
+            out.append(RowFailure(col.name, "missing value (null)", _mask(pc.is_null(arr))))
         if col.non_empty:
             empty = pc.equal(pc.utf8_trim_whitespace(arr), "")
             if pc.any(empty).as_py():
@@ -266,11 +270,15 @@ def row_failures(spec: TableSpec, table: pa.Table, grades: Sequence[int] = DEFAU
         lengths = pc.list_value_length(probs)
         bad_len = pc.not_equal(lengths, len(grades))
         if pc.any(bad_len).as_py():
-            out.append(RowFailure("probs", f"expected {len(grades)} probabilities, one per grade", _mask(bad_len)))
+            out.append(
+                RowFailure("probs", f"expected {len(grades)} probabilities, one per grade", _mask(bad_len))
+            )
         else:
             flat = np.asarray(pc.list_flatten(probs).to_numpy(zero_copy_only=False), dtype=np.float64)
             mat = flat.reshape(-1, len(grades))
-            bad = (np.abs(mat.sum(axis=1) - 1.0) > 1e-3) | (mat < 0).any(axis=1) | ~np.isfinite(mat).all(axis=1)
+            bad = (
+                (np.abs(mat.sum(axis=1) - 1.0) > 1e-3) | (mat < 0).any(axis=1) | ~np.isfinite(mat).all(axis=1)
+            )
             if bad.any():
                 out.append(RowFailure("probs", "probabilities must be >= 0 and sum to 1", bad))
         score = np.asarray(table.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -351,7 +359,9 @@ def split_rejected(
         {
             "table": pa.array([spec.name] * len(bad_idx), _STR),
             "source": (
-                pa.array([source] * len(bad_idx), _STR) if isinstance(source, str) else source.take(pa.array(bad_idx))
+                pa.array([source] * len(bad_idx), _STR)
+                if isinstance(source, str)
+                else source.take(pa.array(bad_idx))
             ),
             "line": line.take(pa.array(bad_idx)) if line is not None else pa.nulls(len(bad_idx), pa.int64()),
             "reason": pa.array(list(reasons[bad_idx]), _STR),

@@ -168,7 +168,8 @@ def validate(cfg: ValidateConfig) -> ValidationReport:
     check = ray.remote(num_cpus=1)(check_file)
     with Timer() as timer:
         futures = {
-            name: [check.remote(name, str(f), list(cfg.grades)) for f in expand_paths(d)] for name, d in found.items()
+            name: [check.remote(name, str(f), list(cfg.grades)) for f in expand_paths(d)]
+            for name, d in found.items()
         }
         out = []
         for name, futs in futures.items():

@@ -1,0 +1,90 @@
+"""Builders for tiny real models (random weights, a few hundred parameters' worth of vocab)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Words the tiny tokenizer knows; anything else maps to [UNK]. The grade digits are single tokens.
+TINY_VOCAB = [
+    "<pad>",
+    "<bos>",
+    "<eos>",
+    "[UNK]",
+    "0",
+    "1",
+    "2",
+    "3",
+    ":",
+    ".",
+    ",",
+    "?",
+    "\n",
+    *[
+        "query",
+        "passage",
+        "document",
+        "title",
+        "relevance",
+        "grade",
+        "score",
+        "the",
+        "a",
+        "of",
+        "is",
+        "in",
+        "to",
+        "and",
+        "what",
+        "when",
+        "where",
+        "who",
+        "how",
+        "was",
+        "founded",
+        "river",
+        "population",
+        "town",
+        "company",
+        "species",
+        "lives",
+        "eats",
+        "ceo",
+        "make",
+    ],
+]
+
+
+def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="[UNK]"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<bos>"],
+        eos_token_id=vocab["<eos>"],
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out

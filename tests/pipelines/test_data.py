@@ -1,0 +1,192 @@
+import json
+
+import pyarrow.compute as pc
+import pytest
+
+from pipelines import tables as T
+from pipelines.data import PrepareConfig, SplitConfig, assign_folds, assign_splits, prepare, split
+from pipelines.errors import ConfigError, DataError
+from pipelines.io import read_table
+from pipelines.stage import load_config
+
+
+def _write_trec(src, qrels_lines, topics_lines=None, passages=None):
+    src.mkdir(parents=True, exist_ok=True)
+    topics = topics_lines or [b"1\twhat is x", b"2\twho is y", b"3\t   "]
+    (src / "queries.tsv").write_bytes(b"\n".join(topics) + b"\n")
+    (src / "qrels.txt").write_bytes(b"\n".join(qrels_lines) + b"\n")
+    passages = passages or [
+        {"docid": "a", "doc": "x is a letter"},
+        {"docid": "b", "doc": ""},
+        {"docid": "c", "doc": "y is a person"},
+    ]
+    (src / "passages.jsonl").write_text("\n".join(json.dumps(p) for p in passages) + "\n")
+
+
+def test_trec_dl_rejects_bad_rows_with_reasons(tmp_path):
+    src = tmp_path / "src"
+    _write_trec(
+        src,
+        [
+            b"1 Q0 a 3",
+            b"1 Q0 b 0",  # empty passage: valid
+            b"1 Q0 a 2",  # duplicate (qid, docid)
+            b"2 Q0 c 7",  # unknown grade
+            b"2 Q0 c high",  # unknown grade
+            b"2 Q0 \xff\xfe 1",  # not UTF-8
+            b"2 Q0 zz 1",  # docid not in corpus
+            b"3 Q0 a 1",  # query 3 is empty, so it is rejected and this pair dangles
+            b"9 Q0 a 1",  # qid not in queries
+            b"1 Q0",  # wrong field count
+            b"2 Q0 c 1",
+        ],
+        passages=[
+            {"docid": "a", "doc": "x is a letter"},
+            {"docid": "b", "doc": ""},
+            {"docid": "c", "doc": "y is a person"},
+            {"doc": "no id"},
+            {"docid": "d", "doc": None},
+        ],
+    )
+    (src / "passages.jsonl").write_bytes((src / "passages.jsonl").read_bytes() + b"{not json\n")
+    out = tmp_path / "out"
+    result = prepare(PrepareConfig(format="trec-dl", src=str(src), out=str(out)))
+    pairs = read_table(out / "pairs")
+    rejected = read_table(out / "rejected").to_pylist()
+    assert sorted(zip(pairs.column("qid").to_pylist(), pairs.column("docid").to_pylist(), strict=False)) == [
+        ("1", "a"),
+        ("1", "b"),
+        ("2", "c"),
+    ]
+    reasons = [r["reason"] for r in rejected]
+    text = "\n".join(reasons)
+    for expected in (
+        "unknown grade '7'",
+        "unknown grade 'high'",
+        "not UTF-8",
+        "duplicate (qid, docid)",
+        "docid not in corpus",
+        "qid not in queries",
+        "expected 4 fields",
+        "query: empty string",
+        "missing document id",
+        "non-text body",
+        "invalid JSON",
+    ):
+        assert expected in text, expected
+    # nothing lost: every qrels line is either a pair or a rejected qrels row
+    qrels_rejected = [r for r in rejected if r["table"] == "qrels"]
+    assert pairs.num_rows + len(qrels_rejected) == 11
+    assert result.counts["rejected"] == len(rejected)
+    assert all(r["source"] for r in rejected)
+
+
+def test_prepare_dl19_counts(shared_data, tmp_path):
+    out = tmp_path / "dl19"
+    r = prepare(PrepareConfig(format="trec-dl", src=str(shared_data / "trec-dl-2019"), out=str(out)))
+    assert r.counts["pairs"] == 9260 and r.counts["judged_queries"] == 43 and r.counts["rejected"] == 0
+    assert r.extra["grades"] == {"0": 5158, "1": 1601, "2": 1804, "3": 697}
+    pairs = read_table(out / "pairs")
+    assert T.check(T.PAIRS, pairs) == []
+    assert pairs.schema.field("label").type == "int8"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["pairs"] == 9260 and (out / "config.yaml").exists()
+
+
+def test_prepare_llmjudge_pairs_keeps_empty_passages(shared_data, tmp_path):
+    out = tmp_path / "llmj"
+    r = prepare(
+        PrepareConfig(format="pairs", src=str(shared_data / "llmjudge-dev" / "pairs.jsonl"), out=str(out))
+    )
+    assert r.counts["pairs"] == 1776 and r.counts["judged_queries"] == 22
+    pairs = read_table(out / "pairs")
+    assert pc.sum(pc.equal(pairs.column("text"), "")).as_py() > 0
+
+
+def test_prepare_hotpotqa(shared_data, tmp_path):
+    out = tmp_path / "hp"
+    r = prepare(PrepareConfig(format="hotpotqa", src=str(shared_data / "hotpotqa-dev-500"), out=str(out)))
+    assert r.counts["queries"] == 500 and r.counts["rejected"] == 0
+    queries = read_table(out / "queries")
+    assert all(queries.column("answers").to_pylist())
+    labels = read_table(out / "qrels").column("label").to_pylist()
+    assert set(labels) == {0, 1} and sum(labels) >= 2 * 500 - 10  # two supporting paragraphs per question
+
+
+def test_pairs_format_rejects_and_keeps_unlabelled(tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    rows = [
+        {"qid": "q1", "docid": "d1", "query": "x", "text": "t", "label": 2},
+        {"qid": "q1", "docid": "d2", "query": "x", "text": "t"},  # unlabelled: kept, label null
+        {"qid": "", "docid": "d3", "query": "x", "text": "t"},  # missing id
+        {"qid": "q2", "docid": "d1", "query": "y", "text": 5},  # non-text
+        {"qid": "q2", "docid": "d4", "query": "y", "text": "t", "label": 4},  # unknown grade
+        {"qid": "q1", "docid": "d1", "query": "x", "text": "t", "label": 1},  # duplicate
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    r = prepare(PrepareConfig(format="pairs", src=str(src), out=str(out)))
+    pairs = read_table(out / "pairs")
+    assert pairs.column("docid").to_pylist() == ["d1", "d2"]
+    assert pairs.column("label").to_pylist() == [2, None]
+    assert r.counts["qrels"] == 1 and r.counts["rejected"] == 4
+    reasons = read_table(out / "rejected").column("reason").to_pylist()
+    assert any("qid: missing value" in x for x in reasons)
+    assert any("text: not text" in x for x in reasons)
+
+
+def test_beir_synth_roundtrip(synth_dataset):
+    pairs = read_table(synth_dataset / "pairs")
+    assert pairs.num_rows > 500
+    assert set(pairs.column("label").to_pylist()) == {0, 1, 2, 3}
+    assert read_table(synth_dataset / "rejected").num_rows == 0
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"queries\.tsv: not found"):
+        prepare(PrepareConfig(format="trec-dl", src=str(tmp_path), out=str(tmp_path / "o")))
+
+
+def test_config_rejects_unknown_key_naming_it():
+    with pytest.raises(ConfigError, match="grdes: unknown key"):
+        load_config(PrepareConfig, None, ["grdes=[0,1]"], format="beir", src="s", out="o")
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    qids = [f"q{i}" for i in range(43)]
+    a = assign_splits(qids, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    b = assign_splits(list(reversed(qids)), {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    assert a == b  # independent of input order
+    assert set(a) == set(qids)  # every query in exactly one split
+    sizes = {s: sum(1 for v in a.values() if v == s) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 43 and sizes["train"] in (25, 26, 27)
+    c = assign_splits(qids, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=2)
+    assert a != c
+    folds = assign_folds(qids, 5, seed=1)
+    assert sorted({sum(1 for f in folds.values() if f == k) for k in range(5)}) == [8, 9]
+
+
+def test_tiny_split_keeps_every_requested_split_nonempty():
+    a = assign_splits(["a", "b", "c"], {"train": 0.9, "val": 0.05, "test": 0.05}, seed=0)
+    assert sorted(a.values()) == ["test", "train", "val"]
+
+
+def test_split_stage_writes_query_disjoint_tables(synth_dataset, tmp_path):
+    out = tmp_path / "splits"
+    split(SplitConfig(src=str(synth_dataset), out=str(out), folds=3))
+    seen: dict[str, str] = {}
+    total = 0
+    for name in ("train", "val", "test"):
+        pairs = read_table(out / name / "pairs")
+        total += pairs.num_rows
+        for q in set(pairs.column("qid").to_pylist()):
+            assert q not in seen, f"{q} in {seen.get(q)} and {name}"
+            seen[q] = name
+    assert total == read_table(synth_dataset / "pairs").num_rows
+    splits = read_table(out / "splits")
+    assert set(splits.column("fold").to_pylist()) == {0, 1, 2}
+
+
+def test_split_config_validates_fractions():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(SplitConfig, None, (), src="a", out="b", fractions={"train": 0.5, "test": 0.2})
