@@ -1,0 +1,238 @@
+"""The relevance judge: label-token scoring with a causal LM (no Ray here).
+
+``LabelTokenScorer`` grades (query, passage) pairs in ONE forward pass each: it reads the next-token
+distribution at the answer position, restricted to the grade tokens ("0".."3"), and returns
+
+- ``probs``: the distribution over grades (softmax over the grade tokens' logits; sums to 1),
+- ``label``: its argmax,
+- ``score``: the expected grade, sum_g g * p(g) (a finer signal than the label: Zhuang et al., NAACL 2024).
+
+No ``generate`` and no text parsing. Speed comes from doing only the work the answer needs:
+
+- only the last position goes through the LM head (``logits_to_keep=1``): Gemma's head is 262k x 640,
+  as large as the rest of the model;
+- batches are bucketed by length, so little compute is spent on padding;
+- the instruction prefix (rubric, few-shot examples) is identical for every pair: its KV cache is computed
+  once and shared by every batch (``prefix_cache=True``);
+- bf16 where the hardware computes it natively (``models.loading.resolve_dtype``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.prompts import PromptTemplate, grade_token_ids
+
+DEFAULT_GRADES = (0, 1, 2, 3)
+
+
+@dataclass
+class Scores:
+    """Scores for n pairs, in input order."""
+
+    label: np.ndarray  # (n,) int8, argmax grade
+    probs: np.ndarray  # (n, G) float32, one probability per grade
+    score: np.ndarray  # (n,) float32, expected grade
+    truncated: np.ndarray  # (n,) bool, the passage was cut to max_doc_tokens
+    n_tokens: np.ndarray  # (n,) int32, prompt length in tokens (prefix included)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+@dataclass
+class EncodedPair:
+    ids: list[int]  # the pair's suffix tokens (the shared prefix is not repeated here)
+    truncated: bool
+
+
+def scores_from_logits(
+    logits: torch.Tensor, grades: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label, probs, score) from grade-token logits of shape (n, G)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    values = torch.tensor(list(grades), dtype=torch.float32)
+    score = probs @ values
+    label = values[probs.argmax(dim=-1)]
+    return label.numpy().astype(np.int8), probs.numpy().astype(np.float32), score.numpy().astype(np.float32)
+
+
+class PairEncoder:
+    """Turns pairs into token ids the same way for scoring and for fine-tuning.
+
+    The suffix is assembled from separately tokenized pieces (query line, title, URL, body, answer cue) so the
+    passage can be cut by tokens without re-tokenizing, and so training and inference see identical ids.
+    """
+
+    def __init__(self, tokenizer, template: PromptTemplate, grades: Sequence[int] = DEFAULT_GRADES):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.grades = tuple(grades)
+        self.grade_ids = grade_token_ids(tokenizer, template, self.grades)
+        self.prefix_ids: list[int] = tokenizer(template.prefix_text(), add_special_tokens=True)["input_ids"]
+        self._body = self._tok(template.body_field)
+        self._cue = self._tok(template.answer_cue)
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode(self, query: str, text: str, title: str | None = None, url: str | None = None) -> EncodedPair:
+        t = self.template
+        q = self._tok(t.query_field.format(query=query))
+        if len(q) > t.max_query_tokens:
+            q = q[: t.max_query_tokens - 1] + self._tok("\n")
+        ids = list(q)
+        if title:
+            ids += self._tok(t.title_field.format(title=title))[:64]
+        if url:
+            ids += self._tok(t.url_field.format(url=url))[:48]
+        body = self._tok(text or "")
+        truncated = len(body) > t.max_doc_tokens
+        ids += self._body + body[: t.max_doc_tokens] + self._cue
+        return EncodedPair(ids, truncated)
+
+    def encode_many(self, queries, texts, titles=None, urls=None) -> list[EncodedPair]:
+        n = len(queries)
+        titles = titles if titles is not None else [None] * n
+        urls = urls if urls is not None else [None] * n
+        return [self.encode(q, d, ti, u) for q, d, ti, u in zip(queries, texts, titles, urls)]
+
+
+def length_buckets(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> Iterator[np.ndarray]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early and once)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    i = 0
+    while i < len(order):
+        size = batch_size
+        if max_tokens:
+            size = max(1, min(batch_size, max_tokens // max(1, int(lengths[order[i]]))))
+        yield order[i : i + size]
+        i += size
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad so every sequence ends at the last column: the answer position is always index -1."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+class LabelTokenScorer:
+    """Grades pairs with a causal LM by the next-token distribution over the grade tokens.
+
+    Args:
+        model: a Hugging Face causal LM (adapters merged: an unmerged LoRA on every linear layer is several
+            times slower at inference).
+        tokenizer: its tokenizer; every grade must be a single token after the template's answer cue.
+        template: the prompt (see ``models.prompts``).
+        grades: the grade values, in the order of ``probs``' columns.
+        batch_size: pairs per forward pass.
+        max_batch_tokens: optional cap on batch_size x longest sequence (memory bound for long passages).
+        prefix_cache: reuse the shared instruction prefix's KV cache across pairs (identical results,
+            less compute); falls back to the plain path for models whose cache cannot be reused.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: PromptTemplate,
+        grades: Sequence[int] = DEFAULT_GRADES,
+        batch_size: int = 16,
+        max_batch_tokens: int | None = None,
+        prefix_cache: bool = True,
+    ):
+        self.model = model
+        self.encoder = PairEncoder(tokenizer, template, grades)
+        self.grades = tuple(grades)
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.prefix_cache = prefix_cache
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.device = next(model.parameters()).device
+        self._grade_index = torch.tensor(self.encoder.grade_ids, device=self.device)
+        self._cache = None
+
+    @property
+    def prompt_version(self) -> str:
+        return self.encoder.template.version
+
+    @torch.inference_mode()
+    def _prefix_kv(self):
+        if self._cache is None:
+            ids = torch.tensor([self.encoder.prefix_ids], device=self.device)
+            self._cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        return self._cache
+
+    @torch.inference_mode()
+    def grade_logits(
+        self, suffixes: Sequence[Sequence[int]], use_prefix_cache: bool | None = None
+    ) -> torch.Tensor:
+        """Grade-token logits (b, G) for one batch of encoded suffixes."""
+        use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
+        prefix = self.encoder.prefix_ids
+        if use_cache:
+            ids, mask = pad_left(suffixes, self.pad_id)
+            b, p = len(suffixes), len(prefix)
+            cache = copy.deepcopy(self._prefix_kv())
+            cache.batch_repeat_interleave(b)
+            # Pads sit between the prefix and the pair: masked out, and positions continue from the prefix.
+            attention = torch.cat([torch.ones((b, p), dtype=mask.dtype), mask], dim=1)
+            positions = (p + mask.cumsum(dim=1) - 1).clamp(min=p)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        else:
+            ids, mask = pad_left([prefix + list(s) for s in suffixes], self.pad_id)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1, :].index_select(-1, self._grade_index).float().cpu()
+
+    def score_encoded(self, encoded: Sequence[EncodedPair], use_prefix_cache: bool | None = None) -> Scores:
+        n = len(encoded)
+        logits = torch.empty((n, len(self.grades)), dtype=torch.float32)
+        lengths = [len(e.ids) for e in encoded]
+        for idx in length_buckets(lengths, self.batch_size, self.max_batch_tokens):
+            logits[torch.as_tensor(idx)] = self.grade_logits([encoded[i].ids for i in idx], use_prefix_cache)
+        label, probs, score = scores_from_logits(logits, self.grades)
+        prefix_len = len(self.encoder.prefix_ids)
+        return Scores(
+            label=label,
+            probs=probs,
+            score=score,
+            truncated=np.array([e.truncated for e in encoded], dtype=bool),
+            n_tokens=np.array([prefix_len + x for x in lengths], dtype=np.int32),
+        )
+
+    def score(self, queries, texts, titles=None, urls=None, use_prefix_cache: bool | None = None) -> Scores:
+        """Score pairs given as parallel sequences of strings (titles / urls may be None)."""
+        if len(queries) != len(texts):
+            raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
+        if not len(queries):
+            g = len(self.grades)
+            return Scores(np.zeros(0, np.int8), np.zeros((0, g), np.float32), np.zeros(0, np.float32),
+                          np.zeros(0, bool), np.zeros(0, np.int32))  # fmt: skip
+        return self.score_encoded(self.encoder.encode_many(queries, texts, titles, urls), use_prefix_cache)
