@@ -100,7 +100,7 @@ class PairEncoder:
         n = len(queries)
         titles = titles if titles is not None else [None] * n
         urls = urls if urls is not None else [None] * n
-        return [self.encode(q, d, ti, u) for q, d, ti, u in zip(queries, texts, titles, urls)]
+        return [self.encode(q, d, ti, u) for q, d, ti, u in zip(queries, texts, titles, urls, strict=True)]
 
 
 def length_buckets(

@@ -34,7 +34,7 @@ def test_prefix_cache_path_equals_plain_path(tiny):
 def test_batching_and_bucketing_keep_input_order(tiny):
     s = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=4)
     together = s.score(QUERIES, TEXTS)
-    alone = [s.score([q], [t]).probs[0] for q, t in zip(QUERIES, TEXTS)]
+    alone = [s.score([q], [t]).probs[0] for q, t in zip(QUERIES, TEXTS, strict=True)]
     np.testing.assert_allclose(together.probs, np.stack(alone), atol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_helpers():
     batches = list(length_buckets([5, 50, 7, 49], batch_size=2))
     assert [sorted(b.tolist()) for b in batches] == [[1, 3], [0, 2]]
     assert [len(b) for b in length_buckets([100] * 4, batch_size=4, max_tokens=200)] == [2, 2]
-    label, probs, score = scores_from_logits(torch.tensor([[0.0, 0.0, 10.0, 0.0]]), (0, 1, 2, 3))
+    label, _, score = scores_from_logits(torch.tensor([[0.0, 0.0, 10.0, 0.0]]), (0, 1, 2, 3))
     assert label.tolist() == [2] and score[0] == pytest.approx(2.0, abs=1e-3)
 
 
