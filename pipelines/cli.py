@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipelines.errors import AugrelError, ConfigError
 
@@ -135,6 +136,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _add_config_args(p)
 
+    # ----------------------------------------------------------------- judge
+    jd = sub.add_parser(
+        "judge", help="fine-tune, run and evaluate the LLM relevance judge", formatter_class=_Formatter
+    )
+    jsub = jd.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
+    p = jsub.add_parser(
+        "predict",
+        formatter_class=_Formatter,
+        help="grade a pairs table in this process (small sets; `augrel annotate` is the distributed version)",
+        description="Grade each (query, passage) pair with the judge in one forward pass: the next-token "
+        "distribution over the grade tokens gives probs, label (argmax) and score (expected grade). Writes a "
+        "judgments table; rows with an empty query or missing ids go to OUT/rejected/.",
+    )
+    p.add_argument(
+        "--judge",
+        help="judge directory from `augrel judge finetune`, or a base model (hub id, "
+        "local path, or gemma3-270m: the packaged offline default)",
+    )
+    p.add_argument("--pairs", help="pairs table (directory, Parquet/JSONL file, or glob)")
+    p.add_argument("--out", help="output directory for the judgments table")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=int, help="grade only the first N pairs")
+    _add_config_args(p)
+    p = jsub.add_parser(
+        "eval",
+        formatter_class=_Formatter,
+        help="agreement of judgments with human labels: kappa, weighted kappa, alpha, tau, plots",
+        description="Join judgments with human grades on (qid, docid) and write metrics.json (Cohen's kappa, "
+        "quadratic weighted kappa, Krippendorff's alpha (ordinal), accuracy, per-grade precision/recall, "
+        "Kendall's tau-b pooled and per query, each with a 95%% bootstrap interval over queries), "
+        "confusion.png and calibration.png.",
+    )
+    p.add_argument("--judgments", help="judgments table")
+    p.add_argument("--qrels", help="human labels: qrels/pairs table or a TREC qrels file")
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+
     # --------------------------------------------------------------- cluster
     cl = sub.add_parser(
         "cluster",
@@ -245,6 +283,28 @@ def _cmd_data(a: argparse.Namespace) -> int:
     raise AssertionError(a.data_command)
 
 
+def _cmd_judge(a: argparse.Namespace) -> int:
+    from pipelines.stage import load_config
+
+    if a.judge_command == "predict":
+        from pipelines.judge import PredictConfig, predict
+
+        cfg = load_config(PredictConfig, a.config, a.overrides, judge=a.judge, pairs=a.pairs, out=a.out,
+                          batch_size=a.batch_size, limit=a.limit)  # fmt: skip
+        r = predict(cfg)
+        print(r.summary(), f"({r.extra['pairs_per_s']} pairs/s, {r.extra['dtype']})")
+        return 0
+    if a.judge_command == "eval":
+        from pipelines.judge import EvalConfig, evaluate
+
+        cfg = load_config(EvalConfig, a.config, a.overrides, judgments=a.judgments, qrels=a.qrels, out=a.out)
+        r = evaluate(cfg)
+        print((Path(cfg.out) / "metrics.txt").read_text(), end="")
+        print(r.summary())
+        return 0
+    raise AssertionError(a.judge_command)
+
+
 def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
@@ -283,7 +343,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    handlers = {"data": _cmd_data, "cluster": _cmd_cluster, "submit": _cmd_submit}
+    handlers = {"data": _cmd_data, "judge": _cmd_judge, "cluster": _cmd_cluster, "submit": _cmd_submit}
     try:
         return handlers[a.command](a)
     except AugrelError as e:

@@ -103,6 +103,7 @@ JUDGMENTS = TableSpec(
     ),
     key=("qid", "docid"),
     doc="the judge's grade (argmax), expected grade and grade distribution per pair",
+    optional=(Column("truncated", pa.bool_(), nullable=True), Column("n_tokens", pa.int32(), nullable=True)),
 )
 QRELS = TableSpec(
     "qrels",
