@@ -9,8 +9,9 @@ distribution at the answer position, restricted to the grade tokens ("0".."3"), 
 
 No ``generate`` and no text parsing. Speed comes from doing only the work the answer needs:
 
-- only the last position goes through the LM head (``logits_to_keep=1``): Gemma's head is 262k x 640,
-  as large as the rest of the model;
+- only the last position, and only the G grade rows of the LM head, are computed (``GradeHead``): Gemma's
+  head is 262k x 640, as large as the rest of the model, and through ``logits_to_keep=1`` transformers
+  still expanded the whole head per batch row (a 1.3 G-element copy per forward, seen in a profile);
 - batches are bucketed by length, so little compute is spent on padding;
 - the instruction prefix (rubric, few-shot examples) is identical for every pair: its KV cache is computed
   once and shared by every batch (``prefix_cache=True``);
@@ -49,6 +50,43 @@ class Scores:
 class EncodedPair:
     ids: list[int]  # the pair's suffix tokens (the shared prefix is not repeated here)
     truncated: bool
+
+
+class GradeHead:
+    """Grade-token logits from the decoder's last hidden state, using only the grade rows of the LM head.
+
+    Exactly the model's own next-token logits at those tokens: the same weight rows (and bias), and the final
+    logit soft-capping some models apply (Gemma 2: tanh(x / c) * c). Works for plain, PEFT-wrapped and
+    DeepSpeed-wrapped causal LMs (``decoder`` and ``head`` resolve through the wrappers).
+    """
+
+    def __init__(self, model, grade_ids: Sequence[int]):
+        self.model = model
+        self.decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+        index = torch.tensor(list(grade_ids), device=head.weight.device)
+        self._head = head
+        self._index = index
+        config = getattr(model, "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Read at call time: the head may be trained, merged or re-gathered (ZeRO-3) between calls.
+        w = self._head.weight.index_select(0, self._index).float()
+        b = self._head.bias.index_select(0, self._index).float() if self._head.bias is not None else None
+        return w, b
+
+    def __call__(self, **decoder_inputs) -> tuple[torch.Tensor, object]:
+        """Run the decoder on ``decoder_inputs``; return ((b, G) float32 logits at the last position, its cache)."""
+        out = self.decoder(**decoder_inputs)
+        last = out.last_hidden_state[:, -1, :].float()
+        w, b = self.weights()
+        logits = last @ w.T
+        if b is not None:
+            logits = logits + b
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits, getattr(out, "past_key_values", None)
 
 
 def scores_from_logits(
@@ -162,7 +200,7 @@ class LabelTokenScorer:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.device = next(model.parameters()).device
-        self._grade_index = torch.tensor(self.encoder.grade_ids, device=self.device)
+        self.head = GradeHead(model, self.encoder.grade_ids)
         self._cache = None
 
     @property
@@ -173,7 +211,7 @@ class LabelTokenScorer:
     def _prefix_kv(self):
         if self._cache is None:
             ids = torch.tensor([self.encoder.prefix_ids], device=self.device)
-            self._cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            self._cache = self.head.decoder(input_ids=ids, use_cache=True).past_key_values
         return self._cache
 
     @torch.inference_mode()
@@ -191,25 +229,23 @@ class LabelTokenScorer:
             # Pads sit between the prefix and the pair: masked out, and positions continue from the prefix.
             attention = torch.cat([torch.ones((b, p), dtype=mask.dtype), mask], dim=1)
             positions = (p + mask.cumsum(dim=1) - 1).clamp(min=p)
-            out = self.model(
+            logits, _ = self.head(
                 input_ids=ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 position_ids=positions.to(self.device),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
         else:
             ids, mask = pad_left([prefix + list(s) for s in suffixes], self.pad_id)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = self.model(
+            logits, _ = self.head(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
                 use_cache=False,
-                logits_to_keep=1,
             )
-        return out.logits[:, -1, :].index_select(-1, self._grade_index).float().cpu()
+        return logits.cpu()
 
     def score_encoded(self, encoded: Sequence[EncodedPair], use_prefix_cache: bool | None = None) -> Scores:
         n = len(encoded)

@@ -142,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jsub = jd.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
     p = jsub.add_parser(
+        "finetune", formatter_class=_Formatter,
+        help="LoRA fine-tuning of the judge on Ray Train + DeepSpeed (class-balanced, split by query)",
+        description="Sample class-balanced training and validation pairs (disjoint by query), fine-tune a LoRA "
+        "adapter with cross-entropy over the grade tokens on Ray Train workers inside DeepSpeed (ZeRO-2, or "
+        "ZeRO-3 with CPU offload), checkpoint at each evaluation and resume after failures. Writes OUT/adapter, "
+        "OUT/judge_card.json (validation kappa, tuned cut-points) and OUT/config.yaml. "
+        "Example config: configs/judge-dl19.yaml.",
+    )
+    p.add_argument("--train", action="append", help="labelled pairs table (repeatable)")
+    p.add_argument("--val", action="append", help="validation pairs table (default: held-out train queries)")
+    p.add_argument("--out", help="output judge directory")
+    p.add_argument("--base-model", help="hub id, local path or gemma3-270m (default)")
+    _add_config_args(p)
+    p = jsub.add_parser(
         "predict",
         formatter_class=_Formatter,
         help="grade a pairs table in this process (small sets; `augrel annotate` is the distributed version)",
@@ -286,6 +300,19 @@ def _cmd_data(a: argparse.Namespace) -> int:
 def _cmd_judge(a: argparse.Namespace) -> int:
     from pipelines.stage import load_config
 
+    if a.judge_command == "finetune":
+        from cluster.embedded import init_ray
+        from pipelines.finetune_judge import FinetuneConfig, finetune
+
+        cfg = load_config(FinetuneConfig, a.config, a.overrides, train=a.train, val=a.val, out=a.out,
+                          base_model=a.base_model)  # fmt: skip
+        init_ray(a.address, quiet=not a.verbose)
+        r = finetune(cfg)
+        m = r.extra["metrics"]
+        print(r.summary())
+        print(f"best checkpoint: step {m.get('step')}, val kappa {m.get('val_kappa', float('nan')):.3f}, "
+              f"tau {m.get('val_tau', float('nan')):.3f}; judge in {cfg.out}")  # fmt: skip
+        return 0
     if a.judge_command == "predict":
         from pipelines.judge import PredictConfig, predict
 
