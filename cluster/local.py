@@ -200,6 +200,17 @@ def up(
         ids = range(i * gpus_per_node, (i + 1) * gpus_per_node)
         return dict(env, CUDA_VISIBLE_DEVICES=",".join(map(str, ids)))
 
+    def node_ports() -> list[str]:
+        # Ray's per-node agents listen on fixed default ports (52365, ...): with several nodes on one host, or
+        # another Ray beside this cluster, the second one to start silently loses its HTTP agent (and on the
+        # head that means "No available agent to submit job"). Give every node its own free ports.
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+        ]
+
     spawn(
         "head",
         [
@@ -208,7 +219,9 @@ def up(
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             "--include-dashboard=true",
+            f"--ray-client-server-port={_free_port()}",
             f"--temp-dir={temp_dir}",
+            *node_ports(),
         ],
         gpu_env(0),
     )
@@ -216,7 +229,7 @@ def up(
     try:
         _wait(lambda: _http_ok(f"{cluster.dashboard_url}/api/version"), deadline, cluster, "the head node")
         for i in range(workers):
-            spawn(f"worker-{i}", [f"--address={cluster.gcs_address}"], gpu_env(i + 1))
+            spawn(f"worker-{i}", [f"--address={cluster.gcs_address}", *node_ports()], gpu_env(i + 1))
         _wait(
             lambda: _alive_nodes(cluster.dashboard_url) >= n_nodes,
             deadline,

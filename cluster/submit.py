@@ -67,6 +67,7 @@ def submit(
     env_vars: dict[str, str] | None = None,
     submission_id: str | None = None,
     out=sys.stdout,
+    agent_wait_s: float = 90.0,
 ) -> tuple[str, str]:
     """Submit ``augrel <args>``; with ``wait``, stream its logs and return (submission id, final status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -81,12 +82,22 @@ def submit(
         client = JobSubmissionClient(url, headers=auth_headers())
     except Exception as e:  # connection refused, wrong port, auth: say which address failed
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {e}") from None
-    job_id = client.submit_job(
-        entrypoint=entrypoint(args),
-        runtime_env=runtime_env(env_vars),
-        submission_id=submission_id,
-        metadata={"tool": "augrel", "args": shlex.join(args)},
-    )
+    # A cluster that has just started may not have its job agent registered yet ("No available agent to
+    # submit job"): retry that one answer for a while instead of failing the user's command.
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint(args),
+                runtime_env=runtime_env(env_vars),
+                submission_id=submission_id,
+                metadata={"tool": "augrel", "args": shlex.join(args)},
+            )
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise SubmitError(f"{url} refused the job: {e}") from None
+            time.sleep(2)
     print(f"submitted {job_id} to {url}: augrel {shlex.join(args)}", file=out, flush=True)
     if not wait:
         return job_id, str(client.get_job_status(job_id))

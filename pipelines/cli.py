@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jsub = jd.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
     p = jsub.add_parser(
-        "finetune", formatter_class=_Formatter,
+        "finetune",
+        formatter_class=_Formatter,
         help="LoRA fine-tuning of the judge on Ray Train + DeepSpeed (class-balanced, split by query)",
         description="Sample class-balanced training and validation pairs (disjoint by query), fine-tune a LoRA "
         "adapter with cross-entropy over the grade tokens on Ray Train workers inside DeepSpeed (ZeRO-2, or "
@@ -306,7 +307,9 @@ def _cmd_judge(a: argparse.Namespace) -> int:
 
         cfg = load_config(FinetuneConfig, a.config, a.overrides, train=a.train, val=a.val, out=a.out,
                           base_model=a.base_model)  # fmt: skip
-        init_ray(a.address, quiet=not a.verbose)
+        init_ray(
+            a.address, quiet=False
+        )  # the workers' progress lines (one per evaluation) are the progress bar
         r = finetune(cfg)
         m = r.extra["metrics"]
         print(r.summary())

@@ -56,8 +56,12 @@ class FinetuneConfig(StageConfig):
     """``augrel judge finetune``: base model, data, LoRA, optimisation and the Ray Train / DeepSpeed setup."""
 
     base_model: str = Field("gemma3-270m", description="hub id, local path, or the offline gemma3-270m")
-    train: list[str] = Field(description="labelled pairs tables to sample training (and validation) pairs from")
-    val: list[str] | None = Field(None, description="labelled pairs for validation; default: split train by query")
+    train: list[str] = Field(
+        description="labelled pairs tables to sample training (and validation) pairs from"
+    )
+    val: list[str] | None = Field(
+        None, description="labelled pairs for validation; default: split train by query"
+    )
     out: str = Field(description="output directory for the judge")
     template: str = "umbrela-v1"
     max_doc_tokens: int = Field(192, gt=0)
@@ -65,8 +69,12 @@ class FinetuneConfig(StageConfig):
     grades: list[int] = Field(default_factory=lambda: list(T.DEFAULT_GRADES))
     n_train: int = Field(1000, gt=0, description="training pairs to sample")
     n_val: int = Field(250, gt=0, description="validation pairs to sample")
-    sampling: Literal["balanced", "natural"] = Field("balanced", description="even across grades, or as found")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of queries held out when val is not given")
+    sampling: Literal["balanced", "natural"] = Field(
+        "balanced", description="even across grades, or as found"
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of queries held out when val is not given"
+    )
     seed: int = 13
     lora: LoraSettings = LoraSettings()
     epochs: int = Field(2, gt=0)
@@ -81,15 +89,21 @@ class FinetuneConfig(StageConfig):
         description="back-propagate through the shared instruction prefix; off: its KV cache is computed once "
         "per step without gradients (the rubric is the same for every pair), which saves its compute",
     )
-    eval_every: int | None = Field(None, gt=0, description="evaluate + checkpoint every N steps (default: per epoch)")
+    eval_every: int | None = Field(
+        None, gt=0, description="evaluate + checkpoint every N steps (default: per epoch)"
+    )
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     deepspeed: str = Field("zero2", description="zero2, zero3_offload, or a path to a DeepSpeed JSON")
     dtype: str = Field("auto", pattern="^(auto|bf16|fp32)$")
-    max_failures: int = Field(2, ge=0, description="worker failures to recover from (from the last checkpoint)")
+    max_failures: int = Field(
+        2, ge=0, description="worker failures to recover from (from the last checkpoint)"
+    )
     storage_path: str | None = Field(None, description="Ray Train storage (default: OUT/ray_train)")
-    resume: bool = Field(True, description="continue from OUT/ray_train's last checkpoint if a run was cut off")
+    resume: bool = Field(
+        True, description="continue from OUT/ray_train's last checkpoint if a run was cut off"
+    )
 
     @field_validator("train", "val", mode="before")
     @classmethod
@@ -165,7 +179,10 @@ def sample_train_val(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table, dict[str,
         train = class_balanced_sample(pool, cfg.n_train, cfg.grades, cfg.seed)
         val = class_balanced_sample(val_pool, cfg.n_val, cfg.grades, cfg.seed + 1)
     else:
-        train, val = natural_sample(pool, cfg.n_train, cfg.seed), natural_sample(val_pool, cfg.n_val, cfg.seed + 1)
+        train, val = (
+            natural_sample(pool, cfg.n_train, cfg.seed),
+            natural_sample(val_pool, cfg.n_val, cfg.seed + 1),
+        )
 
     def hist(t: pa.Table) -> dict[str, int]:
         return {str(g): int(pc.sum(pc.equal(t.column("label"), g)).as_py() or 0) for g in cfg.grades}
@@ -238,7 +255,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     ds_cfg = deepspeed_config(cfg.deepspeed, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
                               bf16=bf16)  # fmt: skip
-    ds_cfg["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW also with ZeRO-Offload: no JIT-built op needed
+    ds_cfg["zero_force_ds_cpu_optimizer"] = (
+        False  # our torch AdamW also with ZeRO-Offload: no JIT-built op needed
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
@@ -266,7 +285,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The decoder is called through the DeepSpeed-wrapped module: ZeRO's parameter hooks live on the
         # submodules, and GradeHead reads only the grade rows of the LM head (see models.judge).
         if cfg.prefix_grad:
-            full_ids, full_mask = pad_left([encoder.prefix_ids + s for s in suffixes], lm.tokenizer.pad_token_id or 0)
+            full_ids, full_mask = pad_left(
+                [encoder.prefix_ids + s for s in suffixes], lm.tokenizer.pad_token_id or 0
+            )
             pos = (full_mask.cumsum(1) - 1).clamp(min=0)
             logits, _ = head(input_ids=full_ids.to(engine.device), attention_mask=full_mask.to(engine.device),
                              position_ids=pos.to(engine.device), use_cache=False)  # fmt: skip
@@ -295,7 +316,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "human": [x["label"] for x in val_rows[rank::world]], "qid": [x["qid"] for x in val_rows[rank::world]]}  # fmt: skip
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
-        merged = {k: sum((g[k] for g in gathered), []) for k in local}
+        merged = {k: [x for g in gathered for x in g[k]] for k in local}
         rep = agreement(np.array(merged["human"]), np.array(merged["label"]), np.array(merged["score"]),
                         np.array(merged["qid"]), cfg.grades, n_boot=0)  # fmt: skip
         engine.train()
@@ -347,7 +368,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def finetune(cfg: FinetuneConfig) -> StageResult:
     """Sample the data, run the Ray Train job, and write the best checkpoint as a judge directory."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -362,8 +382,12 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     with Timer() as timer:
         train, val, data_summary = sample_train_val(cfg)
         if train.num_rows < cfg.batch_size:
-            raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {train.num_rows} training pairs")
-        model_path = resolve_model_path(cfg.base_model)  # convert the offline GGUF once, before the workers start
+            raise ConfigError(
+                f"batch_size: {cfg.batch_size} is more than the {train.num_rows} training pairs"
+            )
+        model_path = resolve_model_path(
+            cfg.base_model
+        )  # convert the offline GGUF once, before the workers start
         storage = Path(cfg.storage_path or out / "ray_train").resolve()
         run_name = "finetune"
         run_config = RunConfig(
@@ -401,7 +425,9 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             history = json.loads(Path(d, "state.json").read_text())["history"]
         cut = tune_cutpoints(np.array(val_scores["score"]), np.array(val_scores["human"]), cfg.grades)
         template = get_template(cfg.template).with_limits(cfg.max_doc_tokens, cfg.max_query_tokens)
-        metrics = {k: v for k, v in best_metrics.items() if k.startswith("val_") or k in ("step", "train_loss")}
+        metrics = {
+            k: v for k, v in best_metrics.items() if k.startswith("val_") or k in ("step", "train_loss")
+        }
         card = JudgeCard(
             base_model=cfg.base_model, prompt_template=template.name, prompt_version=template.version,
             grades=cfg.grades, max_doc_tokens=cfg.max_doc_tokens, max_query_tokens=cfg.max_query_tokens,

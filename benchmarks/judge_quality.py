@@ -1,0 +1,147 @@
+"""Judge quality on held-out TREC DL 2019 queries: zero-shot base model vs fine-tuned judge vs a MiniLM
+cross-encoder trained on the same labels. One table, agreement with 95% bootstrap intervals over queries.
+
+Protocol: DL 2019 queries are split 70/30 (seed 13). The judge fine-tunes on the 70% plus LLMJudge dev (TREC DL
+2023 passages), class-balanced, validating on held-out training queries (configs/judge-dl19.yaml); the
+cross-encoder trains on the very same sampled pairs. Every method is scored on the 30% test queries, twice:
+its argmax label, and labels from cut-points on its expected grade tuned for kappa on the validation pairs
+(../shared/notes/judge-levers.md, lever 1). Ends with
+``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=..`` (cut-point labels).
+
+    python benchmarks/judge_quality.py [--quick] [--judge runs/dl19/judge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from eval.agreement import agreement, grades_from_cutpoints, tune_cutpoints  # noqa: E402
+from models.cross_encoder import CrossEncoderGrader  # noqa: E402
+from models.judge_card import load_judge  # noqa: E402
+from pipelines.data import PrepareConfig, SplitConfig, prepare, split  # noqa: E402
+from pipelines.finetune_judge import FinetuneConfig, finetune, sample_train_val  # noqa: E402
+from pipelines.io import read_table  # noqa: E402
+from pipelines.stage import load_config  # noqa: E402
+
+DATA = Path(os.environ.get("AUGREL_DATA_DIR", REPO.parent / "shared" / "data"))
+GRADES = [0, 1, 2, 3]
+
+
+def prepared(work: Path) -> tuple[Path, Path]:
+    dl19, llmj = work / "dl19", work / "llmjudge"
+    if not (dl19 / "data" / "pairs").exists():
+        prepare(PrepareConfig(format="trec-dl", src=str(DATA / "trec-dl-2019"), out=str(dl19 / "data")))
+    if not (dl19 / "splits" / "test").exists():
+        split(
+            SplitConfig(
+                src=str(dl19 / "data"), out=str(dl19 / "splits"), fractions={"train": 0.7, "test": 0.3}
+            )
+        )
+    if not (llmj / "data" / "pairs").exists():
+        prepare(
+            PrepareConfig(
+                format="pairs", src=str(DATA / "llmjudge-dev" / "pairs.jsonl"), out=str(llmj / "data")
+            )
+        )
+    return dl19, llmj
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sample of test pairs and a short fine-tune")
+    ap.add_argument("--judge", help="an existing fine-tuned judge directory (skip fine-tuning)")
+    ap.add_argument("--work", default=os.environ.get("AUGREL_BENCH_CACHE", "/tmp/augrel-bench"))
+    ap.add_argument("--test-pairs", type=int, help="score this many test pairs (default: all; --quick: 240)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args()
+    work = Path(args.work)
+    dl19, llmj = prepared(work)
+
+    overrides = [f"train=[{dl19 / 'splits' / 'train' / 'pairs'}, {llmj / 'data' / 'pairs'}]"]
+    if args.quick:
+        overrides += ["n_train=64", "n_val=48", "max_steps=6", "eval_every=3", f"out={work / 'judge-quick'}"]
+    else:
+        overrides += [f"out={work / 'judge'}"]
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "judge-dl19.yaml", overrides)
+    t0 = time.perf_counter()
+    judge_dir = args.judge
+    if not judge_dir:
+        from cluster.embedded import init_ray
+
+        init_ray()
+        finetune(cfg.model_copy(update={"resume": False}))
+        judge_dir = cfg.out
+    finetune_s = time.perf_counter() - t0
+
+    train, val, _ = sample_train_val(cfg)
+    test = read_table(dl19 / "splits" / "test" / "pairs")
+    n_test = args.test_pairs or (240 if args.quick else test.num_rows)
+    if n_test < test.num_rows:
+        test = test.take(np.sort(np.random.default_rng(0).permutation(test.num_rows)[:n_test]))
+
+    def cols(t):
+        return (t.column("query").to_pylist(), t.column("text").to_pylist(),
+                t.column("label").to_numpy(), np.asarray(t.column("qid").to_pylist()))  # fmt: skip
+
+    vq, vt, vh, _ = cols(val)
+    tq, tt, th, tqid = cols(test)
+    rows = []
+
+    def report(name: str, val_score, test_label, test_score):
+        cuts = tune_cutpoints(val_score, vh, GRADES)
+        for variant, labels in (
+            ("argmax", test_label),
+            ("cut-points", grades_from_cutpoints(test_score, cuts, GRADES)),
+        ):
+            r = agreement(th, labels, test_score, tqid, GRADES, n_boot=args.bootstrap)
+            rows.append((f"{name} ({variant})", r))
+
+    timings = {}
+    for name, judge in (
+        ("zero-shot Gemma 3 270M", cfg.base_model),
+        ("fine-tuned Gemma 3 270M + LoRA", judge_dir),
+    ):
+        t0 = time.perf_counter()
+        j = load_judge(judge, template=cfg.template, max_doc_tokens=cfg.max_doc_tokens)
+        scorer = j.scorer(batch_size=16)
+        v = scorer.score(vq, vt)
+        s = scorer.score(tq, tt)
+        timings[name] = time.perf_counter() - t0
+        report(name, v.score, s.label, s.score)
+
+    t0 = time.perf_counter()
+    ce = CrossEncoderGrader.from_pretrained(grades=GRADES)
+    trq, trt, trh, _ = cols(train)
+    ce.fit(np.asarray(trq, dtype=object), np.asarray(trt, dtype=object), trh, epochs=3)
+    _, _, v_score = ce.predict(vq, vt)
+    label, _, score = ce.predict(tq, tt)
+    timings["MiniLM cross-encoder"] = time.perf_counter() - t0
+    report("MiniLM cross-encoder", v_score, label, score)
+
+    print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
+          f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; fine-tune {finetune_s:.0f}s")  # fmt: skip
+    hdr = f"{'method':<46} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
+    print(hdr)
+    for name, r in rows:
+        m, ci = r.metrics, r.ci95.get("cohen_kappa", [float("nan")] * 2)
+        print(f"{name:<46} {m['cohen_kappa']:>6.3f} [{ci[0]:>5.3f}, {ci[1]:>5.3f}] "
+              f"{m['weighted_kappa_quadratic']:>8.3f} {m['krippendorff_alpha_ordinal']:>6.3f} "
+              f"{m['accuracy']:>6.3f} {m['kendall_tau_b_pooled']:>6.3f}")  # fmt: skip
+    print("seconds (load + score val and test): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    k = {name: r.metrics["cohen_kappa"] for name, r in rows}
+    print(f"RESULT kappa_finetuned={k['fine-tuned Gemma 3 270M + LoRA (cut-points)']:.3f} "
+          f"kappa_zeroshot={k['zero-shot Gemma 3 270M (cut-points)']:.3f} "
+          f"kappa_crossencoder={k['MiniLM cross-encoder (cut-points)']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
