@@ -67,14 +67,35 @@ class GradeHead:
         index = torch.tensor(list(grade_ids), device=head.weight.device)
         self._head = head
         self._index = index
+        self._cached: tuple[torch.Tensor, torch.Tensor | None] | None = None
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Read at call time: the head may be trained, merged or re-gathered (ZeRO-3) between calls.
-        w = self._head.weight.index_select(0, self._index).float()
-        b = self._head.bias.index_select(0, self._index).float() if self._head.bias is not None else None
-        return w, b
+        """The grade rows of the head (and bias), fp32. Cached while the head is frozen (LoRA leaves it so)."""
+        weight, bias = self._head.weight, self._head.bias
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if frozen and self._cached is not None:
+            return self._cached
+        if hasattr(weight, "ds_id"):
+            # ZeRO-3 partitions parameters and gathers them only inside their module's forward, which this
+            # bypasses: gather the head for the read.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None]):
+                rows = self._select(weight, bias)
+        else:
+            rows = self._select(weight, bias)
+        if frozen:
+            self._cached = rows
+        return rows
+
+    def _select(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = self._index.to(weight.device)
+        w = weight.index_select(0, index).float()
+        return w, (bias.index_select(0, index).float() if bias is not None else None)
 
     def __call__(self, **decoder_inputs) -> tuple[torch.Tensor, object]:
         """Run the decoder on ``decoder_inputs``; return ((b, G) float32 logits at the last position, its cache)."""

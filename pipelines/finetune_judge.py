@@ -19,6 +19,7 @@ deterministic slice of each epoch's permutation: a resumed run sees exactly the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -351,8 +352,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses = []
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
+                    # Under ZeRO-3 the LoRA weights are partitioned across ranks: gather them (a collective,
+                    # so every rank enters) before rank 0 writes the adapter.
+                    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())  # fmt: skip
+                    with gather:
+                        if rank == 0:
+                            engine.module.save_pretrained(os.path.join(tmp, "adapter"))
                     if rank == 0:
-                        engine.module.save_pretrained(os.path.join(tmp, "adapter"))
                         Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
                         Path(tmp, "val_scores.json").write_text(json.dumps(val_scores))
                         print(f"step {step}/{total_steps} loss {metrics['train_loss']:.4f} "

@@ -45,14 +45,16 @@ def test_config_names_bad_lora_key():
         load_config(FinetuneConfig, None, ["lora.rank=8"], train=["x"], out="o")
 
 
+@pytest.mark.parametrize("zero", ["zero2", "zero3_offload"])
 def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
-    ray_session, tiny_causal_lm, synth_dataset, tmp_path
+    zero, ray_session, tiny_causal_lm, synth_dataset, tmp_path
 ):
-    """2 Ray Train workers, DeepSpeed ZeRO-2 on gloo, LoRA; the saved adapter reloads and predicts identically."""
+    """2 Ray Train workers, DeepSpeed (ZeRO-2, or ZeRO-3 with CPU offload) on gloo, LoRA; the saved adapter
+    reloads and predicts identically."""
     out = tmp_path / "judge"
     cfg = FinetuneConfig(base_model=str(tiny_causal_lm), train=[str(synth_dataset / "pairs")], out=str(out),
                          n_train=16, n_val=8, batch_size=4, max_steps=2, eval_every=1, num_workers=2,
-                         dtype="fp32", lr=1e-2, resume=False)  # fmt: skip
+                         dtype="fp32", lr=1e-2, resume=False, deepspeed=zero)  # fmt: skip
     r = finetune(cfg)
     card = JudgeCard.load(out)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
