@@ -66,7 +66,7 @@ class CrossEncoderGrader:
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-                losses.append(float(loss))
+                losses.append(loss.item())
             history.append(float(np.mean(losses)))
         self.model.eval()
         return history
