@@ -270,9 +270,11 @@ def down(name: str = "local", grace_s: float = 20.0) -> list[str]:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and _group_alive(node.pid):
             time.sleep(0.3)
-        for p in _group_members(node.pid):  # whatever did not stop in time
+        leftover = _group_members(node.pid)  # whatever did not stop in time
+        for p in leftover:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+        psutil.wait_procs(leftover, timeout=10)  # SIGKILL is asynchronous: return once they are gone
         stopped.append(node.role)
     LocalCluster.state_path(name).unlink(missing_ok=True)
     return stopped

@@ -41,7 +41,10 @@ class AnnotateResources(_Strict):
     concurrency: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0, description="pairs per forward pass of a judge actor")
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="cap on pairs x tokens per forward pass (bounds activation memory on a GPU)"
+    )
 
 
 class TrainResources(_Strict):

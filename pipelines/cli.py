@@ -22,6 +22,7 @@ examples:
   augrel data prepare trec-dl --src ../shared/data/trec-dl-2019 --out runs/dl19/data
   augrel data validate runs/dl19/data
   augrel data split runs/dl19/data --out runs/dl19/splits --folds 5
+  augrel annotate --judge runs/dl19/judge --pairs runs/dl19/data/pairs --out runs/dl19/judgments
   augrel cluster up --workers 1
   augrel submit -- data validate $PWD/runs/dl19/data
   augrel cluster down
@@ -188,6 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory")
     _add_config_args(p)
 
+    # -------------------------------------------------------------- annotate
+    p = sub.add_parser(
+        "annotate",
+        formatter_class=_Formatter,
+        help="grade millions of pairs with the judge on Ray Data actor pools (exactly once, resumable)",
+        description="Stream a pairs table (Parquet/JSONL, a directory or a glob) through an autoscaling pool of "
+        "judge actors (model loaded once per actor) and write the judgments table. The input is cut into work "
+        "units of --unit-rows pairs; each unit's judgments are written atomically to one partition named after "
+        "it, and its bad rows to OUT/rejected/ with a reason, so every pair is judged or rejected exactly once. "
+        "After a crash or Ctrl-C, --resume runs only the missing units; the result equals an uninterrupted run. "
+        "Defaults for the pool come from --profile (see `augrel cluster profile`).",
+    )
+    p.add_argument("--judge", help="judge directory from `augrel judge finetune`, or a base model")
+    p.add_argument("--pairs", help="pairs: table directory, Parquet/JSONL file, or glob")
+    p.add_argument("--out", help="output directory for the judgments table")
+    p.add_argument("--resume", action="store_true", default=None, help="finish the interrupted run in OUT")
+    p.add_argument("--overwrite", action="store_true", default=None, help="discard OUT's run and start again")
+    p.add_argument("--profile", help="resource profile: cpu-small (default), gpu-1, gpu-8, or a YAML path")
+    p.add_argument("--concurrency", metavar="MIN,MAX", help="judge actors, e.g. 1,4 (autoscaling between)")
+    p.add_argument("--batch-size", type=int, help="pairs per forward pass")
+    p.add_argument("--num-gpus-per-actor", type=float)
+    p.add_argument("--num-cpus-per-actor", type=float)
+    p.add_argument("--unit-rows", type=int, help="pairs per work unit (progress, retry and resume grain)")
+    _add_config_args(p)
+
     # --------------------------------------------------------------- cluster
     cl = sub.add_parser(
         "cluster",
@@ -335,6 +361,34 @@ def _cmd_judge(a: argparse.Namespace) -> int:
     raise AssertionError(a.judge_command)
 
 
+def _cmd_annotate(a: argparse.Namespace) -> int:
+    from cluster.embedded import init_ray
+    from pipelines.annotate import AnnotateConfig, run
+    from pipelines.stage import load_config
+
+    concurrency = None
+    if a.concurrency:
+        try:
+            lo, _, hi = a.concurrency.partition(",")
+            concurrency = (int(lo), int(hi or lo))
+        except ValueError:
+            raise ConfigError(f"--concurrency {a.concurrency!r}: expected MIN,MAX, e.g. 1,4") from None
+    cfg = load_config(AnnotateConfig, a.config, a.overrides, judge=a.judge, pairs=a.pairs, out=a.out,
+                      resume=a.resume, overwrite=a.overwrite, profile=a.profile, concurrency=concurrency,
+                      batch_size=a.batch_size, num_gpus_per_actor=a.num_gpus_per_actor,
+                      num_cpus_per_actor=a.num_cpus_per_actor, unit_rows=a.unit_rows)  # fmt: skip
+    info = init_ray(a.address, quiet=not a.verbose)
+    print(f"ray: {info['nodes']} node(s), {int(info['resources'].get('CPU', 0))} CPU(s) at {info['address']}")
+    r = run(cfg)
+    print(r.summary())
+    rate = ", ".join(f"{k}: {v}" for k, v in r.extra["pairs_per_s_per_actor"].items())
+    print(f"{r.extra['units_this_run']} of {r.extra['units']} units run now; {r.extra['pairs_per_s']} pairs/s "
+          f"({rate or 'no actor ran'})")  # fmt: skip
+    if r.counts["rejected"]:
+        print(f"rejected {r.counts['rejected']:,} pair(s) -> {cfg.out}/rejected/")
+    return 0
+
+
 def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
@@ -373,7 +427,13 @@ def _cmd_submit(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    handlers = {"data": _cmd_data, "judge": _cmd_judge, "cluster": _cmd_cluster, "submit": _cmd_submit}
+    handlers = {
+        "data": _cmd_data,
+        "judge": _cmd_judge,
+        "annotate": _cmd_annotate,
+        "cluster": _cmd_cluster,
+        "submit": _cmd_submit,
+    }
     try:
         return handlers[a.command](a)
     except AugrelError as e:

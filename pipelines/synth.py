@@ -22,6 +22,7 @@ The same seed and sizes give byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +365,12 @@ _SPECIES_SUFFIX = ["warbler", "newt", "beetle", "minnow", "orchid", "shrew", "mo
 _COMPANY_SUFFIX = ["Systems", "Industries", "Works", "Labs", "Group", "Manufacturing"]
 
 
+def _url(kind: str, title: str, doc_id: str) -> str:
+    # Opaque: the docid names the passage's construction (-dup, -lookalike, -cmp-), which would leak its grade.
+    slug = "-".join(title.lower().split())
+    return f"https://example.org/{kind}/{slug}-{hashlib.sha1(doc_id.encode()).hexdigest()[:8]}"
+
+
 def _name(rng: np.random.Generator, kind: str, taken: set[str]) -> str:
     while True:
         base = (rng.choice(_SYL_A) + rng.choice(_SYL_B) + rng.choice(_SYL_C)).capitalize()
@@ -426,9 +433,7 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
     mixed: dict[int, list[tuple[str, str, str]]] = {}  # entity -> (docid, main aspect, side aspect)
 
     def add(doc_id: str, title: str, text: str, kind: str) -> str:
-        docs.append(
-            {"_id": doc_id, "title": title, "text": text, "url": f"https://example.org/{kind}/{doc_id}"}
-        )
+        docs.append({"_id": doc_id, "title": title, "text": text, "url": _url(kind, title, doc_id)})
         return doc_id
 
     by_kind: dict[str, list[int]] = {k: [i for i, e in enumerate(entities) if e["kind"] == k] for k in kinds}
@@ -505,7 +510,7 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
                     "_id": lookalike_id,
                     "title": fake,
                     "text": " ".join(t.format(**fmt) for t in a.focused),
-                    "url": f"https://example.org/{ent['kind']}/{lookalike_id}",
+                    "url": _url(ent["kind"], fake, lookalike_id),
                 }
             )
             grades[lookalike_id] = 0

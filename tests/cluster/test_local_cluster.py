@@ -34,7 +34,9 @@ def two_node_cluster():
     _augrel("cluster", "down", "--name", name)
 
 
-def test_submit_validate_to_two_node_cluster(two_node_cluster, synth_dataset, tmp_path):
+def test_submit_validate_and_annotate_to_two_node_cluster(
+    two_node_cluster, synth_dataset, tiny_causal_lm, tmp_path
+):
     name, status = two_node_cluster
     assert status["up"] and status["nodes_alive"] == 2
     pids = list(status["processes"].values())
@@ -54,6 +56,16 @@ def test_submit_validate_to_two_node_cluster(two_node_cluster, synth_dataset, tm
     assert "SUCCEEDED" in job.stdout
     assert "ray: 2 node(s), 2 CPU(s) at 127.0.0.1" in job.stdout  # the driver joined this cluster
     assert json.loads(report.read_text())["ok"] is True
+
+    # the distributed judge: a Ray Data actor pool on the 2-node cluster, every pair judged once
+    out = tmp_path / "judgments"
+    job = _augrel("submit", "--address", status["dashboard_url"], "--", "annotate", "--judge", str(tiny_causal_lm),
+                  "--pairs", str(synth_dataset / "pairs"), "--out", str(out), "--unit-rows", "200",
+                  "--concurrency", "1,2", "--num-cpus-per-actor", "0.5")  # fmt: skip
+    assert job.returncode == 0, job.stdout + job.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    pairs = json.loads((synth_dataset / "manifest.json").read_text())["counts"]["pairs"]
+    assert manifest["complete"] and manifest["counts"] == {"pairs_in": pairs, "judged": pairs, "rejected": 0}
 
     # a failing job exits non-zero with the job's status
     bad = _augrel(

@@ -1,0 +1,571 @@
+"""``augrel annotate``: the judge over millions of pairs with a Ray Data actor pool, exactly once, resumable.
+
+The input (sharded Parquet or JSONL, a directory or a glob) is cut into *work units*: a row range of a Parquet
+file or a byte range of a JSONL file, ``unit_rows`` pairs each. A unit is the grain of everything that must
+not go wrong:
+
+- its judgments land in ONE output partition named after it (``part-FFFFF-UUUUU.parquet``, file and unit
+  index), written to a temporary name and renamed, so a partition is either whole or absent;
+- its bad rows land in ``rejected/`` under the same name, with a reason, before its judgments are written;
+- a unit whose partition exists is done: ``--resume`` plans the same units and runs only the missing ones, so
+  the finished output is identical to an uninterrupted run's (scores of a unit depend only on its rows);
+- a judge actor that dies mid-unit is restarted by Ray and its task retried; the task's output never reached
+  the writer, and a rewrite of the same partition replaces it, so nothing is lost or duplicated.
+
+The dataset is streamed: read tasks -> judge actors (``map_batches`` with a callable class, the model loaded
+once per actor, an autoscaling pool of ``concurrency=(min, max)``) -> write tasks -> the driver, which only
+sees one small summary row per unit (for the progress bar and the manifest). Memory stays flat in the number
+of pairs. Actors are sized so that read and write tasks always find a CPU: a pool holding every CPU starves
+them and the dataset hangs.
+
+Input columns: ``qid, docid, query, text`` (+ optional ``title, url``; ``label`` is ignored). Output: the
+judgments table ``qid, docid, label, score, probs, judge, prompt_version, truncated, n_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from pipelines import tables as T
+from pipelines.errors import ConfigError, DataError
+from pipelines.io import expand_paths
+from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
+
+log = logging.getLogger("augrel")
+
+PLAN = "_plan.json"
+INPUT_COLUMNS = ("qid", "docid", "query", "text", "title", "url")
+# Characters kept of a passage before tokenizing: no tokenizer we know packs more than 16 characters into a
+# token on average, so the kept text still holds max_doc_tokens tokens, and a 1 MB passage costs no more
+# than a normal one (and keeps blocks small). Cutting here is recorded as truncation.
+CHARS_PER_TOKEN_BOUND = 16
+# Read and write tasks are light; they reserve little CPU so they always fit beside the actor pool.
+IO_TASK_CPUS = 0.1
+
+
+class AnnotateConfig(StageConfig):
+    """``augrel annotate``: which judge grades which pairs, on what resources, and where the judgments go."""
+
+    judge: str = Field("gemma3-270m", description="a judge directory (from finetune) or a base model")
+    pairs: str = Field(description="pairs: a table directory, a Parquet/JSONL file, or a glob")
+    out: str = Field(description="output directory for the judgments table")
+    resume: bool = Field(False, description="finish an interrupted run in OUT: only missing units are run")
+    overwrite: bool = Field(False, description="discard what OUT holds and start again")
+    profile: str = Field(
+        "cpu-small", description="resource profile giving the defaults below (cluster/profiles)"
+    )
+    concurrency: tuple[int, int] | None = Field(None, description="judge actors (min, max); default: profile")
+    batch_size: int | None = Field(None, gt=0, description="pairs per forward pass; default: profile")
+    num_cpus_per_actor: float | None = Field(None, gt=0, description="default: profile")
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="default: profile")
+    torch_threads: int | None = Field(None, gt=0, description="per actor; default: its CPUs, at least 1")
+    unit_rows: int = Field(
+        2048, gt=0, description="pairs per work unit: the grain of progress, retries and resume"
+    )
+    template: str = Field(
+        "umbrela-v1", description="prompt template for a base model (a judge dir has its own)"
+    )
+    max_doc_tokens: int = Field(256, gt=0, description="passage truncation for a base model")
+    dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
+    limit_units: int | None = Field(
+        None, gt=0, description="run at most N pending units, then stop (a partial run; --resume finishes it)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AnnotateConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite: choose one")
+        if self.concurrency and not 1 <= self.concurrency[0] <= self.concurrency[1]:
+            raise ValueError(f"concurrency: need 1 <= min <= max, got {list(self.concurrency)}")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A slice of one input file: rows [start, stop) of a Parquet file, or bytes [start, stop) of a JSONL file
+    (the lines that *begin* in that byte range)."""
+
+    name: str
+    path: str
+    fmt: str  # "parquet" | "jsonl"
+    start: int
+    stop: int
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    return pq.read_schema(path).names
+
+
+def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[str, Any]]]:
+    """The work units of an input, in a fixed order, and a fingerprint of the files they come from."""
+    files = expand_paths(pairs)
+    units: list[WorkUnit] = []
+    fingerprint = []
+    for fi, path in enumerate(files):
+        st = path.stat()
+        fingerprint.append({"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        if path.suffix == ".parquet":
+            missing = [c for c in ("qid", "docid", "query", "text") if c not in _parquet_columns(path)]
+            if missing:
+                raise DataError(f"{path}: not a pairs table: missing column(s) {missing} "
+                                f"(pairs need qid, docid, query, text; title, url optional)")  # fmt: skip
+            n = pq.ParquetFile(path).metadata.num_rows
+            bounds = [(s, min(s + unit_rows, n)) for s in range(0, n, unit_rows)] or [(0, 0)]
+            fmt = "parquet"
+        elif path.suffix in (".jsonl", ".json"):
+            # Byte ranges sized for about unit_rows lines from the average line length of the file's start.
+            size = st.st_size
+            with open(path, "rb") as fh:
+                head = fh.read(1 << 20)
+            lines = max(1, head.count(b"\n"))
+            step = max(1, int(len(head) / lines * unit_rows)) if head else 1
+            bounds = [(s, min(s + step, size)) for s in range(0, size, step)] or [(0, 0)]
+            fmt = "jsonl"
+        else:
+            raise DataError(f"{path}: unsupported file type (use .parquet or .jsonl)")
+        units += [WorkUnit(f"part-{fi:05d}-{ui:05d}", str(path.resolve()), fmt, s, e)
+                  for ui, (s, e) in enumerate(bounds)]  # fmt: skip
+    return units, fingerprint
+
+
+def judge_fingerprint(judge: str) -> dict[str, Any]:
+    """What identifies a judge: its card (base model, prompt version, grades) and its adapter's bytes."""
+    from models.judge_card import CARD, is_judge_dir
+
+    if not is_judge_dir(judge):
+        return {"judge": judge}
+    card = json.loads((Path(judge) / CARD).read_text())
+    digest = hashlib.sha256()
+    adapter = Path(judge) / (card.get("adapter") or "adapter")
+    for f in sorted(adapter.glob("*.safetensors")) if adapter.exists() else []:
+        digest.update(f.read_bytes())
+    return {"judge": str(Path(judge).resolve()), "base_model": card["base_model"],
+            "prompt_version": card["prompt_version"], "adapter_sha256": digest.hexdigest()[:16]}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- read
+
+
+def _clip(texts: list[str | None], max_chars: int) -> tuple[list[str | None], np.ndarray]:
+    clipped = np.array([t is not None and len(t) > max_chars for t in texts], dtype=bool)
+    return [t[:max_chars] if c else t for t, c in zip(texts, clipped, strict=True)], clipped
+
+
+def _jsonl_rows(unit: WorkUnit) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """Parsed rows of the lines that begin in the unit's byte range, and (offset, reason, raw) of bad lines."""
+    rows, bad = [], []
+    with open(unit.path, "rb") as fh:
+        pos = unit.start
+        if pos > 0:  # the line that straddles start belongs to the previous unit
+            fh.seek(pos - 1)
+            pos += len(fh.readline()) - 1
+        while pos < unit.stop:
+            raw = fh.readline()
+            if not raw:
+                break
+            offset, pos = pos, pos + len(raw)
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append((offset, "not UTF-8", repr(line[:200])))
+                continue
+            except json.JSONDecodeError as e:
+                bad.append((offset, f"invalid JSON ({e.msg})", repr(line[:200])))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((offset, "not a JSON object", repr(line[:200])))
+                continue
+            wrong = [c for c in INPUT_COLUMNS if obj.get(c) is not None and not isinstance(obj[c], str | int)]
+            if wrong:
+                bad.append((offset, f"{wrong[0]}: not a string", repr(line[:200])))
+                continue
+            rows.append({c: (str(obj[c]) if obj.get(c) is not None else None) for c in INPUT_COLUMNS}
+                        | {"_offset": offset})  # fmt: skip
+    return rows, bad
+
+
+def read_unit(unit: WorkUnit, max_chars: int) -> tuple[pa.Table, pa.Table, int]:
+    """(good pairs, rejected rows with reasons, rows read) of one unit.
+
+    Good pairs have the columns qid, docid, query, text, title, url and ``_clipped`` (the passage was cut to
+    ``max_chars``). A rejected row's ``line`` is its 1-based row number in a Parquet file, or the byte offset of
+    its line in a JSONL file (counting lines would mean reading the file from its start).
+    """
+    source = f"{unit.path}"
+    if unit.fmt == "parquet":
+        pf = pq.ParquetFile(unit.path)
+        cols = [c for c in INPUT_COLUMNS if c in pf.schema_arrow.names]
+        pieces, first = [], 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            lo, hi = max(0, unit.start - first), min(n, unit.stop - first)  # the unit's rows in this group
+            if lo < hi:
+                pieces.append(pf.read_row_group(g, columns=cols).slice(lo, hi - lo))
+            first += n
+        table = pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols)
+        line = pa.array(np.arange(unit.start, unit.start + table.num_rows) + 1, pa.int64())  # 1-based row
+        bad_rows: list[tuple[int, str, str]] = []
+    else:
+        rows, bad_rows = _jsonl_rows(unit)
+        table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in INPUT_COLUMNS})
+        line = pa.array([r["_offset"] for r in rows], pa.int64())  # byte offset of the line
+    n_read = table.num_rows + len(bad_rows)
+    try:
+        conformed = T.conform(T.PAIRS, table, source)
+    except T.SchemaError as e:
+        raise DataError(f"{source}: not a pairs table: {e}") from None
+    good, rejected = T.split_rejected(T.PAIRS, conformed, source=source, line=line)
+    if bad_rows:
+        rejected = pa.concat_tables([rejected, T.rejected_rows("pairs", source, bad_rows)])
+    texts, clipped = _clip(good.column("text").to_pylist(), max_chars)
+    good = good.set_column(good.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    for c in ("title", "url"):
+        if c not in good.column_names:
+            good = good.append_column(c, pa.nulls(good.num_rows, pa.string()))
+    good = good.select(list(INPUT_COLUMNS)).append_column("_clipped", pa.array(clipped, pa.bool_()))
+    return good, rejected, n_read
+
+
+def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
+    """Ray Data map_batches fn (tasks): unit descriptors -> their good pairs, tagged with their unit.
+
+    Bad rows are written to ``rejected/`` here, before the unit's judgments exist; a unit without a single good
+    pair is finished here too (an empty partition), as nothing of it goes on to the judge.
+    """
+    parts = []
+    for d in batch.to_pylist():
+        unit = WorkUnit(**{k: d[k] for k in ("name", "path", "fmt", "start", "stop")})
+        good, rejected, n_read = read_unit(unit, max_chars)
+        if rejected.num_rows:
+            _write_atomic(rejected, Path(out) / "rejected" / f"{unit.name}.parquet", {"unit": unit.name})
+        n = good.num_rows
+        if n == 0:
+            _write_atomic(_empty_judgments(0), Path(out) / f"{unit.name}.parquet",
+                          {"unit": unit.name, "read": n_read, "judged": 0})  # fmt: skip
+            continue
+        parts.append(good.append_column("_unit", pa.array([unit.name] * n, pa.string()))
+                     .append_column("_expect", pa.array([n] * n, pa.int64()))
+                     .append_column("_read", pa.array([n_read] * n, pa.int64())))  # fmt: skip
+    return pa.concat_tables(parts) if parts else _READ_SCHEMA.empty_table()
+
+
+_READ_SCHEMA = pa.schema([*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("_clipped", pa.bool_()),
+                          ("_unit", pa.string()), ("_expect", pa.int64()), ("_read", pa.int64())])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ judge
+
+
+class JudgeActor:
+    """Ray Data map_batches callable class: the judge, loaded once per actor, grading batches of pairs.
+
+    Input columns: qid, docid, query, text, title, url, _clipped, _unit, _expect, _read (from ``UnitReader``).
+    Output: the judgments columns plus _unit, _expect, _read, _actor, _busy_s (for the writer and manifest).
+    """
+
+    def __init__(self, judge: str, template: str, max_doc_tokens: int, dtype: str, batch_size: int,
+                 threads: int, max_batch_tokens: int | None = None, device: str = "auto"):  # fmt: skip
+        import torch
+
+        from models.judge_card import load_judge
+
+        torch.set_num_threads(threads)
+        self.judge = load_judge(
+            judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device
+        )
+        self.scorer = self.judge.scorer(batch_size, max_batch_tokens=max_batch_tokens)
+        self.actor = f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipelines.judge import judgments_table
+
+        t0 = time.perf_counter()
+        pairs = batch
+        s = self.scorer.score(pairs.column("query").to_pylist(), pairs.column("text").to_pylist(),
+                              pairs.column("title").to_pylist(), pairs.column("url").to_pylist())  # fmt: skip
+        s.truncated |= pairs.column("_clipped").to_numpy(zero_copy_only=False)
+        out = judgments_table(pairs, s, self.judge.card.name, self.scorer.prompt_version)
+        busy = time.perf_counter() - t0
+        n = out.num_rows
+        for c in ("_unit", "_expect", "_read"):
+            out = out.append_column(c, pairs.column(c))
+        return out.append_column("_actor", pa.array([self.actor] * n, pa.string())).append_column(
+            "_busy_s", pa.array([busy / max(1, n)] * n, pa.float64())
+        )
+
+
+def _empty_judgments(n: int) -> pa.Table:
+    schema = T.JUDGMENTS.schema(["truncated", "n_tokens"])
+    return pa.table({f.name: pa.nulls(n, f.type) for f in schema}, schema=schema)
+
+
+# ------------------------------------------------------------------------------------------ write
+
+
+def _write_atomic(table: pa.Table, path: Path, meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"augrel": json.dumps(meta).encode()})  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)  # a partition is whole or absent
+
+
+def write_units(batch: pa.Table, out: str) -> pa.Table:
+    """Ray Data map_batches fn (tasks): judged rows -> one partition per unit; returns one summary row per unit.
+
+    A batch may hold several units (Ray Data bundles small blocks); a unit spans batches only if a block was
+    split, which the row count check turns into a loud error instead of a short partition.
+    """
+    units = batch.column("_unit").to_pylist()
+    summary = defaultdict(list)
+    for name in dict.fromkeys(units):
+        rows = batch.take(pa.array([i for i, u in enumerate(units) if u == name]))
+        expect = rows.column("_expect")[0].as_py()
+        if rows.num_rows != expect:
+            raise RuntimeError(f"unit {name}: {rows.num_rows} judged rows in this block, {expect} expected "
+                               "(a unit was split across blocks: lower unit_rows)")  # fmt: skip
+        n_read = rows.column("_read")[0].as_py()
+        table = rows.drop_columns(["_unit", "_expect", "_read", "_actor", "_busy_s"])
+        _write_atomic(table, Path(out) / f"{name}.parquet", {"unit": name, "read": n_read, "judged": expect})
+        summary["unit"].append(name)
+        summary["judged"].append(expect)
+        summary["read"].append(n_read)
+        summary["actor"].append(rows.column("_actor")[0].as_py())
+        summary["busy_s"].append(float(pc.sum(rows.column("_busy_s")).as_py()))
+    return pa.table(dict(summary))
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    concurrency: tuple[int, int]
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    max_batch_tokens: int | None
+    threads: int
+
+
+def actor_resources(cfg: AnnotateConfig) -> ActorResources:
+    """The judge pool's size and per-actor resources: the config's, else the resource profile's."""
+    from cluster.profiles import load_profile
+
+    prof = load_profile(cfg.profile).annotate
+    num_cpus = cfg.num_cpus_per_actor if cfg.num_cpus_per_actor is not None else prof.num_cpus_per_actor
+    num_gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else prof.num_gpus_per_actor
+    return ActorResources(
+        concurrency=tuple(cfg.concurrency or prof.concurrency),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        batch_size=cfg.batch_size or prof.batch_size,
+        max_batch_tokens=prof.max_batch_tokens,
+        threads=cfg.torch_threads or max(1, round(num_cpus)),
+    )
+
+
+def check_fits(res: ActorResources, cluster: dict[str, float]) -> None:
+    """Refuse a pool that would leave no CPU for the read and write tasks (the dataset would hang)."""
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if res.num_gpus > gpus:
+        raise ConfigError(f"num_gpus_per_actor: {res.num_gpus:g} but the cluster has {gpus:g} GPUs")
+    if res.num_gpus == 0 and res.num_cpus + 2 * IO_TASK_CPUS > cpus:
+        raise ConfigError(f"num_cpus_per_actor: {res.num_cpus:g} leaves no CPU for reading and writing on a "
+                          f"{cpus:g}-CPU cluster (at most {cpus - 2 * IO_TASK_CPUS:g})")  # fmt: skip
+    if res.num_gpus == 0 and res.concurrency[0] * res.num_cpus + 2 * IO_TASK_CPUS > cpus:
+        raise ConfigError(f"concurrency: {res.concurrency[0]} actors x {res.num_cpus:g} CPUs do not fit beside the "
+                          f"read/write tasks on a {cpus:g}-CPU cluster")  # fmt: skip
+
+
+def transform(units, cfg: AnnotateConfig, res: ActorResources):
+    """Lazy Ray Data pipeline: unit descriptors -> read tasks -> judge actors -> write tasks -> unit summaries.
+
+    The reads and writes are tasks of this pipeline (not a ``read_parquet`` before it and a ``write_parquet``
+    after it) because exactly-once needs one atomically written partition per unit, named after the unit.
+    """
+    import ray.data
+
+    max_chars = CHARS_PER_TOKEN_BOUND * cfg.max_doc_tokens
+    if _is_judge_dir(cfg.judge):
+        from models.judge_card import JudgeCard
+
+        max_chars = CHARS_PER_TOKEN_BOUND * JudgeCard.load(cfg.judge).max_doc_tokens
+    ds = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
+                           fn_kwargs={"out": str(Path(cfg.out).resolve()), "max_chars": max_chars})  # fmt: skip
+    ds = ds.map_batches(
+        JudgeActor,
+        batch_size=None,  # a whole block (one or more whole units) per call
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "judge": cfg.judge,
+            "template": cfg.template,
+            "max_doc_tokens": cfg.max_doc_tokens,
+            "dtype": cfg.dtype,
+            "batch_size": res.batch_size,
+            "threads": res.threads,
+            "max_batch_tokens": res.max_batch_tokens,
+        },
+        # Ray Data restarts a dead actor and retries its task without limit (a preempted node must not fail a
+        # day-long job); an actor whose constructor keeps failing (a bad judge path) fails the job after
+        # DataContext.actor_init_max_retries.
+        compute=ray.data.ActorPoolStrategy(min_size=res.concurrency[0], max_size=res.concurrency[1]),
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus or None,
+    )
+    return ds.map_batches(write_units, batch_size=None, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
+                          fn_kwargs={"out": str(Path(cfg.out).resolve())})  # fmt: skip
+
+
+def _is_judge_dir(judge: str) -> bool:
+    from models.judge_card import is_judge_dir
+
+    return is_judge_dir(judge)
+
+
+def done_units(out: Path) -> set[str]:
+    return {p.stem for p in out.glob("part-*.parquet")}
+
+
+def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any]) -> set[str]:
+    """Check OUT against the plan; return the units already done. Refuses to mix two different runs."""
+    out = Path(cfg.out)
+    plan_path = out / PLAN
+    if plan_path.exists() and not cfg.overwrite:
+        old = json.loads(plan_path.read_text())
+        done = done_units(out)
+        if not cfg.resume:
+            raise ConfigError(f"out: {out} holds an annotation run ({len(done)} of {old['n_units']} units done): "
+                              "pass --resume to finish it, or --overwrite to start again")  # fmt: skip
+        for key in ("inputs", "judge", "unit_rows", "prompt"):
+            if old.get(key) != plan.get(key):
+                raise ConfigError(f"--resume: '{key}' changed since the run in {out} began "
+                                  f"(was {old.get(key)!r}, now {plan.get(key)!r}); use --overwrite")  # fmt: skip
+        for tmp in out.rglob(".part-*.tmp"):  # left by a writer that was killed mid-write
+            tmp.unlink()
+        return done & {u.name for u in units}
+    if cfg.overwrite and out.exists():
+        for p in [
+            *out.glob("part-*.parquet"),
+            *out.glob("rejected/part-*.parquet"),
+            *out.rglob(".part-*.tmp"),
+        ]:
+            p.unlink()
+    elif out.exists() and any(out.glob("part-*.parquet")):
+        raise ConfigError(f"out: {out} already holds part files from something else: choose another directory "
+                          "or pass --overwrite")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{PLAN}.tmp"
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(tmp, plan_path)
+    return set()
+
+
+def _read_unit_meta(path: Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"augrel", b"{}"))
+
+
+def run(cfg: AnnotateConfig) -> StageResult:
+    """Plan units, run the missing ones through the actor pool with a progress bar, then account for every pair."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from cluster.embedded import init_ray
+
+    out = Path(cfg.out)
+    init_ray()
+    with Timer() as timer:
+        units, inputs = plan_units(cfg.pairs, cfg.unit_rows)
+        res = actor_resources(cfg)
+        check_fits(res, ray.cluster_resources())
+        plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
+                "prompt": {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens},
+                "n_units": len(units), "units": [asdict(u) for u in units]}  # fmt: skip
+        done = _prepare_out(cfg, units, plan)
+        pending = [u for u in units if u.name not in done]
+        if cfg.limit_units:
+            pending = pending[: cfg.limit_units]
+        log.info("%d units, %d done, %d to run", len(units), len(done), len(pending))
+        per_actor: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        t_start = time.perf_counter()
+        judged_now = 0
+        if pending:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # ours counts pairs; Ray's per-operator bars would repeat it
+            units_ds = ray.data.from_items([asdict(u) for u in pending], override_num_blocks=len(pending))
+            ds = transform(units_ds, cfg, res)
+            est = sum(u.stop - u.start for u in pending if u.fmt == "parquet") or None
+            with tqdm(total=est, desc="annotating", unit=" pairs", disable=None, smoothing=0.1) as bar:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for row in batch.to_pylist():
+                        per_actor[row["actor"]][0] += row["judged"]
+                        per_actor[row["actor"]][1] += row["busy_s"]
+                        judged_now += row["judged"]
+                        bar.update(row["judged"])
+        run_s = time.perf_counter() - t_start
+        counts, missing, mismatched = _account(out, units)
+    if missing and not cfg.limit_units:
+        raise DataError(f"{len(missing)} units have no output after the run (first: {missing[0]}): run again "
+                        "with --resume")  # fmt: skip
+    if mismatched:
+        raise DataError(f"units whose judged + rejected rows differ from the rows read: {mismatched[:5]}")
+    card = _card_dict(cfg.judge)
+    return write_stage_files(
+        out, "annotate", cfg, counts, [cfg.pairs], timer.seconds,
+        {"table": "judgments", "judge_card": card, "resources": asdict(res), "units": len(units),
+         "units_this_run": len(pending), "units_missing": len(missing),
+         "pairs_per_s": round(judged_now / run_s, 3) if judged_now and run_s > 0 else None,
+         "pairs_per_s_per_actor": {a: round(n / s, 3) if s else None for a, (n, s) in per_actor.items()},
+         "complete": not missing},
+    )  # fmt: skip
+
+
+def _account(out: Path, units: list[WorkUnit]) -> tuple[dict[str, int], list[str], list[str]]:
+    """Counts from the partitions' own metadata: every pair read is judged or rejected, exactly once."""
+    counts = {"pairs_in": 0, "judged": 0, "rejected": 0}
+    missing, mismatched = [], []
+    for u in units:
+        part = out / f"{u.name}.parquet"
+        if not part.exists():
+            missing.append(u.name)
+            continue
+        meta = _read_unit_meta(part)
+        judged = pq.ParquetFile(part).metadata.num_rows
+        rej_path = out / "rejected" / f"{u.name}.parquet"
+        rejected = pq.ParquetFile(rej_path).metadata.num_rows if rej_path.exists() else 0
+        counts["pairs_in"] += meta["read"]
+        counts["judged"] += judged
+        counts["rejected"] += rejected
+        if judged + rejected != meta["read"]:
+            mismatched.append(u.name)
+    return counts, missing, mismatched
+
+
+def _card_dict(judge: str) -> dict[str, Any]:
+    from models.judge_card import CARD
+
+    if _is_judge_dir(judge):
+        return json.loads((Path(judge) / CARD).read_text())
+    return {"base_model": judge, "adapter": None}
