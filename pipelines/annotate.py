@@ -511,6 +511,10 @@ def run(cfg: AnnotateConfig) -> StageResult:
         per_actor: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         t_start = time.perf_counter()
         judged_now = 0
+        # Start-up (Ray Data, actors loading the model) is paid once per run: the rate after the first batch of
+        # finished units is what a long run sees.
+        t_first = t_last = None
+        judged_first = 0
         if pending:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # ours counts pairs; Ray's per-operator bars would repeat it
@@ -519,6 +523,9 @@ def run(cfg: AnnotateConfig) -> StageResult:
             est = sum(u.stop - u.start for u in pending if u.fmt == "parquet") or None
             with tqdm(total=est, desc="annotating", unit=" pairs", disable=None, smoothing=0.1) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    t_last = time.perf_counter()
+                    if t_first is None:
+                        t_first, judged_first = t_last, int(pc.sum(batch.column("judged")).as_py() or 0)
                     for row in batch.to_pylist():
                         per_actor[row["actor"]][0] += row["judged"]
                         per_actor[row["actor"]][1] += row["busy_s"]
@@ -537,6 +544,8 @@ def run(cfg: AnnotateConfig) -> StageResult:
         {"table": "judgments", "judge_card": card, "resources": asdict(res), "units": len(units),
          "units_this_run": len(pending), "units_missing": len(missing),
          "pairs_per_s": round(judged_now / run_s, 3) if judged_now and run_s > 0 else None,
+         "steady_pairs_per_s": round((judged_now - judged_first) / (t_last - t_first), 3)
+         if t_first is not None and t_last > t_first else None,
          "pairs_per_s_per_actor": {a: round(n / s, 3) if s else None for a, (n, s) in per_actor.items()},
          "complete": not missing},
     )  # fmt: skip

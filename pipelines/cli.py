@@ -214,6 +214,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-rows", type=int, help="pairs per work unit (progress, retry and resume grain)")
     _add_config_args(p)
 
+    # ------------------------------------------------------------------ rank
+    rk = sub.add_parser("rank", help="learning to rank: features, LambdaMART train/predict, ranking metrics",
+                        formatter_class=_Formatter)  # fmt: skip
+    rsub = rk.add_subparsers(dest="rank_command", metavar="ACTION", required=True)
+    p = rsub.add_parser(
+        "features", formatter_class=_Formatter,
+        help="pairs -> features table on a Ray Data actor pool (BM25, MiniLM cosine, lengths, overlap)",
+        description="Build a BM25 index (bm25s, stemmed) over the corpus (--docs, or the pairs' documents), then "
+        "compute each pair's features on an actor pool that loads the index and the MiniLM encoder once: bm25, "
+        "bm25_rank, dense_cos, query_len, doc_len, overlap, title_overlap. The judge's score is not a feature "
+        "here (it leaks the labeller); `rank train --set use_judge_feature=true` adds it.",
+    )  # fmt: skip
+    p.add_argument("--pairs", help="pairs table")
+    p.add_argument("--docs", help="docs table for BM25 statistics (default: the pairs' documents)")
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+    p = rsub.add_parser(
+        "train", formatter_class=_Formatter, help="LightGBM LambdaMART with human, judge, mix or curriculum labels",
+        description="Train a LambdaMART ranker (LightGBM lambdarank, early stopping on validation NDCG@10 over "
+        "held-out training queries). --label-source: human (human grades only), judge (the judge's labels), mix "
+        "(human where known, judge elsewhere), curriculum (judge labels, then more trees on human labels). "
+        "--human-fraction keeps that share of each query's human labels. Writes model.txt, ranker.json, "
+        "importances.json/png.",
+    )  # fmt: skip
+    p.add_argument("--features", help="features table")
+    p.add_argument("--judgments", help="judge labels (augrel annotate output)")
+    p.add_argument("--label-source", choices=["human", "judge", "mix", "curriculum"])
+    p.add_argument("--human-fraction", type=float)
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+    p = rsub.add_parser("predict", formatter_class=_Formatter, help="score a features table into a run table")
+    p.add_argument("--ranker", help="ranker directory")
+    p.add_argument(
+        "--feature", help="rank by this feature instead of a ranker (a baseline run: bm25, dense_cos)"
+    )
+    p.add_argument("--features", help="features table")
+    p.add_argument("--out", help="output directory for the run")
+    _add_config_args(p)
+    p = rsub.add_parser(
+        "eval", formatter_class=_Formatter, help="NDCG@10/100, MRR@10, R@100 per query; paired test vs a baseline",
+        description="Measures from ir_measures; MRR and recall count grade >= 2 relevant; queries without a "
+        "relevant document are left out (and counted in metrics.json). With --baseline: paired t-test and a "
+        "bootstrap 95%% interval of the difference over queries.",
+    )  # fmt: skip
+    p.add_argument("--run", help="run table")
+    p.add_argument("--qrels", help="qrels table, labelled pairs, or a TREC qrels file")
+    p.add_argument("--baseline", help="baseline run table")
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+
+    # ------------------------------------------------------------ experiment
+    ex = sub.add_parser(
+        "experiment", help="experiments that answer the method's questions", formatter_class=_Formatter
+    )
+    xsub = ex.add_subparsers(dest="experiment_command", metavar="NAME", required=True)
+    p = xsub.add_parser(
+        "augment", formatter_class=_Formatter,
+        help="rankers on 20%% human labels, + judge labels, 100%% human, and BM25 / dense baselines (k-fold CV)",
+        description="Query-level k-fold cross-validation; test folds scored with human labels only; several "
+        "seeds for the human sample. One table (mean, bootstrap CI, paired t-test vs the human sample) and a plot. "
+        "Example config: configs/augment-dl19.yaml.",
+    )  # fmt: skip
+    p.add_argument("--features", help="labelled features table")
+    p.add_argument("--judgments", help="judge labels for the same pairs")
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+
     # --------------------------------------------------------------- cluster
     cl = sub.add_parser(
         "cluster",
@@ -389,6 +456,63 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(a: argparse.Namespace) -> int:
+    from pipelines import rank
+    from pipelines.stage import load_config
+
+    if a.rank_command == "features":
+        from cluster.embedded import init_ray
+
+        cfg = load_config(rank.FeaturesConfig, a.config, a.overrides, pairs=a.pairs, docs=a.docs, out=a.out)
+        init_ray(a.address, quiet=not a.verbose)
+        print(rank.features(cfg).summary())
+        return 0
+    if a.rank_command == "train":
+        cfg = load_config(rank.RankTrainConfig, a.config, a.overrides, features=a.features, judgments=a.judgments,
+                          label_source=a.label_source, human_fraction=a.human_fraction, out=a.out)  # fmt: skip
+        r = rank.train(cfg)
+        print(r.summary())
+        top = sorted(r.extra["importances"].items(), key=lambda kv: -kv[1])[:4]
+        print(
+            "best iteration",
+            r.extra["best_iteration"],
+            "| top features:",
+            ", ".join(f"{k} {v:.2f}" for k, v in top),
+        )
+        return 0
+    if a.rank_command == "predict":
+        cfg = load_config(rank.RankPredictConfig, a.config, a.overrides, ranker=a.ranker, feature=a.feature,
+                          features=a.features, out=a.out)  # fmt: skip
+        print(rank.predict(cfg).summary())
+        return 0
+    if a.rank_command == "eval":
+        cfg = load_config(rank.RankEvalConfig, a.config, a.overrides, run=a.run, qrels=a.qrels, baseline=a.baseline,
+                          out=a.out)  # fmt: skip
+        r = rank.evaluate(cfg)
+        print(
+            "  ".join(f"{k} {v:.4f}" for k, v in r.extra["mean"].items()), f"({r.extra['n_queries']} queries)"
+        )
+        for k, c in r.extra.get("vs_baseline", {}).items():
+            print(
+                f"  vs baseline {k}: {c['diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] p={c['p_ttest']:.3f}"
+            )
+        return 0
+    raise AssertionError(a.rank_command)
+
+
+def _cmd_experiment(a: argparse.Namespace) -> int:
+    from pipelines.experiment import AugmentConfig, augment
+    from pipelines.stage import load_config
+
+    cfg = load_config(
+        AugmentConfig, a.config, a.overrides, features=a.features, judgments=a.judgments, out=a.out
+    )
+    r = augment(cfg)
+    print((Path(cfg.out) / "table.md").read_text(), end="")
+    print(r.summary())
+    return 0
+
+
 def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
@@ -431,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "judge": _cmd_judge,
         "annotate": _cmd_annotate,
+        "rank": _cmd_rank,
+        "experiment": _cmd_experiment,
         "cluster": _cmd_cluster,
         "submit": _cmd_submit,
     }

@@ -1,0 +1,439 @@
+"""Learning to rank: ``augrel rank features|train|predict|eval``.
+
+- ``features``: a Ray Data stage. A BM25 index is built once over the corpus (the docs table, or the pairs'
+  distinct documents) and saved beside the output; an actor pool (BM25 index + MiniLM encoder loaded once per
+  actor) turns pairs into the features table: ``qid, docid, label`` (human grade, may be null) and one float32
+  column per feature of ``models.features.FEATURES``.
+- ``train``: LightGBM LambdaMART on a features table with the labels chosen by ``label_source``:
+  ``human`` (human grades only), ``judge`` (the judge's label on every pair), ``mix`` (human where known and kept,
+  judge elsewhere) or ``curriculum`` (judge labels first, then more trees on the human labels; paper 2).
+  ``human_fraction`` keeps that share of each query's human labels (seeded), the rest count as unknown.
+- ``predict``: features -> run table (qid, docid, score, rank).
+- ``eval``: run vs qrels: NDCG@10/100, MRR@10, R@100 per query (``eval.ranking``), and a paired comparison with
+  a baseline run when given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipelines import tables as T
+from pipelines.errors import ConfigError, DataError
+from pipelines.io import expand_paths, read_table, write_table
+from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
+
+log = logging.getLogger("augrel")
+
+LabelSource = Literal["human", "judge", "mix", "curriculum"]
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+class FeaturesConfig(StageConfig):
+    """``augrel rank features``: pairs -> features table (BM25, dense cosine, lengths, overlap)."""
+
+    pairs: str = Field(description="pairs table (qid, docid, query, text, title?, label?)")
+    out: str = Field(description="output directory for the features table (and bm25/, the index)")
+    docs: str | None = Field(
+        None, description="docs table for the BM25 corpus; default: the pairs' documents"
+    )
+    encoder: str | None = Field(None, description="dense encoder dir or hub id; default: packaged MiniLM")
+    k1: float = Field(0.9, gt=0)
+    b: float = Field(0.4, ge=0, le=1)
+    batch_size: int = Field(256, gt=0)
+    concurrency: tuple[int, int] = (1, 1)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class FeatureActor:
+    """Ray Data callable class: a batch of pairs -> their feature columns. Loads the index and encoder once.
+
+    Input columns: qid, docid, query, text (+ title, label when present). Output: qid, docid, label, FEATURES.
+    """
+
+    def __init__(self, index_dir: str, encoder: str | None, threads: int):
+        import torch
+
+        from models.encoder import MeanPoolEncoder
+        from retrieval.bm25 import BM25Index
+
+        torch.set_num_threads(threads)
+        self.index = BM25Index.load(index_dir)
+        self.encoder = MeanPoolEncoder(encoder)
+        self._query_vec: dict[str, np.ndarray] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from models.features import FEATURES, lexical_features
+
+        qids, docids = batch.column("qid").to_pylist(), batch.column("docid").to_pylist()
+        queries, texts = batch.column("query").to_pylist(), batch.column("text").to_pylist()
+        titles = batch.column("title").to_pylist() if "title" in batch.column_names else None
+        n = len(qids)
+        bm25, rank = np.zeros(n, np.float32), np.zeros(n, np.int32)
+        by_query: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_query.setdefault(q, []).append(i)
+        for q, idx in by_query.items():
+            s, r = self.index.score_pairs(q, [docids[i] for i in idx])
+            bm25[idx], rank[idx] = s, r
+        new = [q for q in by_query if q not in self._query_vec]
+        if new:
+            self._query_vec.update(zip(new, self.encoder.encode(new), strict=True))
+        dvec = self.encoder.encode(texts)
+        qvec = np.stack([self._query_vec[q] for q in queries])
+        feats = {"bm25": bm25, "bm25_rank": np.log2(rank.astype(np.float32)),
+                 "dense_cos": (qvec * dvec).sum(1).astype(np.float32), **lexical_features(queries, texts, titles)}  # fmt: skip
+        label = batch.column("label") if "label" in batch.column_names else pa.nulls(n, pa.int8())
+        cols = {"qid": batch.column("qid"), "docid": batch.column("docid"), "label": label.cast(pa.int8())}
+        cols.update({f: pa.array(feats[f], pa.float32()) for f in FEATURES})
+        return pa.table(cols)
+
+
+def build_bm25(cfg: FeaturesConfig, pairs: pa.Table) -> Path:
+    from retrieval.bm25 import BM25Index, BM25Params
+
+    if cfg.docs:
+        docs = T.conform(T.DOCS, read_table(cfg.docs), cfg.docs)
+    else:
+        docs = pairs.select(["docid", "text"]).group_by("docid").aggregate([("text", "first")])
+        docs = docs.rename_columns(["docid", "text"])
+    index = BM25Index.build(docs.column("docid").to_pylist(), docs.column("text").to_pylist(),
+                            BM25Params(k1=cfg.k1, b=cfg.b))  # fmt: skip
+    return index.save(Path(cfg.out) / "bm25")
+
+
+def features(cfg: FeaturesConfig) -> StageResult:
+    import ray
+
+    from cluster.embedded import init_ray
+    from models.features import FEATURES
+
+    out = Path(cfg.out)
+    init_ray()
+    with Timer() as timer:
+        files = expand_paths(cfg.pairs)
+        pairs = T.conform(T.PAIRS, read_table(cfg.pairs), cfg.pairs)
+        good, rejected = T.split_rejected(T.PAIRS, pairs, source=cfg.pairs)
+        index_dir = build_bm25(cfg, good)
+        # The pairs table is read again by Ray Data, lazily, so the features of millions of pairs stream.
+        ds = ray.data.from_arrow(good) if any(f.suffix != ".parquet" for f in files) or rejected.num_rows else (
+            ray.data.read_parquet([str(f) for f in files]))  # fmt: skip
+        ds = ds.map_batches(
+            FeatureActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"index_dir": str(index_dir), "encoder": cfg.encoder,
+                                   "threads": max(1, round(cfg.num_cpus_per_actor))},
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
+            num_cpus=cfg.num_cpus_per_actor,
+        )  # fmt: skip
+        n = _write_parts(ds, out)
+        write_table(out / "rejected", rejected)
+    return write_stage_files(out, "rank.features", cfg, {"pairs": n, "rejected": rejected.num_rows}, [cfg.pairs],
+                             timer.seconds, {"table": "features", "features": list(FEATURES),
+                                             "bm25_index": str(index_dir)})  # fmt: skip
+
+
+def _write_parts(ds, out: Path) -> int:
+    """Write the dataset as OUT/part-NNNNN.parquet (Ray names files by write UUID: write aside, then rename)."""
+    import shutil
+    import uuid
+
+    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(str(staging))
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    files = sorted(staging.glob("*.parquet"))
+    for i, f in enumerate(files):
+        os.replace(f, out / f"part-{i:05d}.parquet")
+    shutil.rmtree(staging)
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
+
+
+# ---------------------------------------------------------------------------------------- labels
+
+
+def human_mask(qids: list[str], has_label: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Keep ``fraction`` of each query's human labels (at least one where it has any), chosen by ``seed``."""
+    keep = np.zeros(len(qids), dtype=bool)
+    if fraction >= 1:
+        return has_label.copy()
+    rng = np.random.default_rng(seed)
+    by_query: dict[str, list[int]] = {}
+    for i, q in enumerate(qids):
+        if has_label[i]:
+            by_query.setdefault(q, []).append(i)
+    for q in sorted(by_query):
+        idx = np.array(by_query[q])
+        k = max(1, round(fraction * len(idx)))
+        keep[rng.choice(idx, size=k, replace=False)] = True
+    return keep
+
+
+def attach_judge(table: pa.Table, judgments: str | None) -> pa.Table:
+    """Add judge_label / judge_score columns (null where the judge did not grade the pair)."""
+    if judgments is None:
+        return table.append_column("judge_label", pa.nulls(table.num_rows, pa.int8())).append_column(
+            "judge_score", pa.nulls(table.num_rows, pa.float32()))  # fmt: skip
+    j = read_table(judgments).select(["qid", "docid", "label", "score"])
+    j = j.rename_columns(["qid", "docid", "judge_label", "judge_score"])
+    keys = table.select(["qid", "docid"]).append_column("_row", pa.array(np.arange(table.num_rows)))
+    joined = keys.join(j, ["qid", "docid"], join_type="left outer", use_threads=False).sort_by("_row")
+    missing = joined.column("judge_label").null_count
+    if missing:
+        log.warning("%s: %d of %d pairs have no judgment", judgments, missing, table.num_rows)
+    return table.append_column("judge_label", joined.column("judge_label").cast(pa.int8())).append_column(
+        "judge_score", joined.column("judge_score").cast(pa.float32()))  # fmt: skip
+
+
+def training_labels(
+    table: pa.Table, source: LabelSource, keep_human: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, labels) per training stage: one stage, or two for the curriculum (judge, then human)."""
+    human = table.column("label").to_numpy(zero_copy_only=False)
+    judge = table.column("judge_label").to_numpy(zero_copy_only=False)
+    has_human = keep_human & ~np.isnan(human.astype(np.float64))
+    has_judge = ~np.isnan(judge.astype(np.float64))
+    if source in ("judge", "mix", "curriculum") and not has_judge.any():
+        raise DataError(
+            f"label_source {source!r} needs judge labels: give judgments (augrel annotate output)"
+        )
+    if source == "human":
+        stages = [np.flatnonzero(has_human)]
+        labels = [human]
+    elif source == "judge":
+        stages, labels = [np.flatnonzero(has_judge)], [judge]
+    elif source == "mix":
+        use_judge = ~has_human & has_judge
+        mixed = np.where(has_human, human, judge)
+        stages, labels = [np.flatnonzero(has_human | use_judge)], [mixed]
+    else:
+        stages, labels = [np.flatnonzero(has_judge), np.flatnonzero(has_human)], [judge, human]
+    return [(idx, lab[idx].astype(np.int32)) for idx, lab in zip(stages, labels, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+class RankTrainConfig(StageConfig):
+    """``augrel rank train``: LambdaMART on a features table with the chosen label source."""
+
+    features: str = Field(description="features table (from `augrel rank features`)")
+    out: str = Field(description="output directory: model.txt, ranker.json, importances.png")
+    judgments: str | None = Field(None, description="judge labels (augrel annotate / judge predict output)")
+    label_source: LabelSource = "human"
+    human_fraction: float = Field(1.0, gt=0, le=1, description="share of each query's human labels kept")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="training queries held out for early stopping")
+    use_judge_feature: bool = Field(
+        False, description="add the judge's score as a feature (leaks the labeller)"
+    )
+    curriculum_rounds: int = Field(100, gt=0, description="trees added on human labels after the judge stage")
+    seed: int = 0
+    num_leaves: int = 15
+    learning_rate: float = 0.05
+    n_estimators: int = 400
+    min_data_in_leaf: int = 20
+    early_stopping_rounds: int = 50
+
+
+def feature_names(use_judge: bool) -> list[str]:
+    from models.features import FEATURES, JUDGE_FEATURE
+
+    return [*FEATURES, JUDGE_FEATURE] if use_judge else list(FEATURES)
+
+
+def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
+    from models.features import check_finite
+
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise DataError(f"features table has no column(s) {missing}: run `augrel rank features` first")
+    X = np.column_stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names])
+    try:
+        check_finite(X, names)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return X
+
+
+def fit_ranker(table: pa.Table, cfg: RankTrainConfig, train_q: set[str], val_q: set[str]):
+    """Train on ``train_q`` with early stopping on ``val_q``, both labelled as ``cfg`` says."""
+    from models.ranker import LambdaMARTRanker, RankerParams
+
+    names = feature_names(cfg.use_judge_feature)
+    X = feature_matrix(table, names)
+    qids = np.asarray(table.column("qid").to_pylist(), dtype=object)
+    human = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+    keep = human_mask(list(qids), ~np.isnan(human), cfg.human_fraction, cfg.seed)
+    stages = training_labels(table, cfg.label_source, keep)
+    params = RankerParams(num_leaves=cfg.num_leaves, learning_rate=cfg.learning_rate, n_estimators=cfg.n_estimators,
+                          min_data_in_leaf=cfg.min_data_in_leaf, early_stopping_rounds=cfg.early_stopping_rounds,
+                          seed=cfg.seed)  # fmt: skip
+    ranker = None
+    in_train = np.isin(qids, list(train_q))
+    in_val = np.isin(qids, list(val_q))
+    for s, (idx, labels) in enumerate(stages):
+        tr, va = idx[in_train[idx]], idx[in_val[idx]]
+        lab = dict(zip(idx.tolist(), labels.tolist(), strict=True))
+        if len(tr) == 0:
+            raise DataError(f"no training rows with {cfg.label_source} labels (stage {s + 1})")
+        y_tr, y_va = np.array([lab[i] for i in tr]), np.array([lab[i] for i in va])
+        r = LambdaMARTRanker(names, params)
+        r.fit(X[tr], y_tr, qids[tr], X[va] if len(va) else None, y_va, qids[va] if len(va) else None,
+              init_from=ranker, n_estimators=cfg.curriculum_rounds if ranker is not None else None)  # fmt: skip
+        ranker = r
+    return ranker, {"label_rows": [len(i) for i, _ in stages], "human_labels_kept": int(keep.sum())}
+
+
+def split_queries(qids: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    from pipelines.data import assign_splits
+
+    if val_fraction <= 0:
+        return set(qids), set()
+    split = assign_splits(sorted(set(qids)), {"train": 1 - val_fraction, "val": val_fraction}, seed)
+    return {q for q, s in split.items() if s == "train"}, {q for q, s in split.items() if s == "val"}
+
+
+def train(cfg: RankTrainConfig) -> StageResult:
+    out = Path(cfg.out)
+    with Timer() as timer:
+        table = attach_judge(read_table(cfg.features), cfg.judgments)
+        train_q, val_q = split_queries(table.column("qid").to_pylist(), cfg.val_fraction, cfg.seed)
+        ranker, info = fit_ranker(table, cfg, train_q, val_q)
+        ranker.save(out, label_source=cfg.label_source, human_fraction=cfg.human_fraction,
+                    leaks_judge=cfg.use_judge_feature)  # fmt: skip
+        imp = ranker.importances()
+        (out / "importances.json").write_text(json.dumps(imp, indent=2) + "\n")
+        plot_importances(imp, out / "importances.png", f"LambdaMART ({cfg.label_source} labels)")
+    return write_stage_files(out, "rank.train", cfg, {"train_queries": len(train_q), "val_queries": len(val_q),
+                                                      "train_rows": ranker.info["train_rows"]},
+                             [cfg.features] + ([cfg.judgments] if cfg.judgments else []), timer.seconds,
+                             {**info, **ranker.info, "importances": imp})  # fmt: skip
+
+
+def plot_importances(imp: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(imp, key=imp.get)
+    fig, ax = plt.subplots(figsize=(5, 0.35 * len(names) + 1))
+    ax.barh(names, [imp[n] for n in names], color="#4C72B0")
+    ax.set_xlabel("share of total gain")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------- predict / eval
+
+
+class RankPredictConfig(StageConfig):
+    """``augrel rank predict``: score a features table with a trained ranker into a run table."""
+
+    ranker: str | None = Field(None, description="ranker directory (from `augrel rank train`)")
+    feature: str | None = Field(
+        None, description="rank by this one feature instead (a baseline run, e.g. bm25)"
+    )
+    features: str = Field(description="features table")
+    out: str = Field(description="output directory for the run table")
+    judgments: str | None = Field(None, description="needed when the ranker uses the judge_score feature")
+
+
+def run_table(qids: list[str], docids: list[str], scores: np.ndarray) -> pa.Table:
+    """qid, docid, score, rank (1 = best, ties broken by docid) sorted by qid then rank."""
+    t = pa.table({"qid": pa.array(qids, pa.string()), "docid": pa.array(docids, pa.string()),
+                  "score": pa.array(scores, pa.float32())})  # fmt: skip
+    t = t.sort_by([("qid", "ascending"), ("score", "descending"), ("docid", "ascending")])
+    q = t.column("qid").to_pylist()
+    rank, prev, r = np.zeros(len(q), np.int32), None, 0
+    for i, x in enumerate(q):
+        r = r + 1 if x == prev else 1
+        rank[i], prev = r, x
+    return t.append_column("rank", pa.array(rank, pa.int32()))
+
+
+def predict(cfg: RankPredictConfig) -> StageResult:
+    from models.ranker import LambdaMARTRanker
+
+    out = Path(cfg.out)
+    if (cfg.ranker is None) == (cfg.feature is None):
+        raise ConfigError(
+            "give either ranker (a trained ranker) or feature (a baseline run), not both or neither"
+        )
+    with Timer() as timer:
+        table = read_table(cfg.features)
+        if cfg.feature:
+            scores = feature_matrix(table, [cfg.feature])[:, 0]
+        else:
+            ranker = LambdaMARTRanker.load(cfg.ranker)
+            if "judge_score" in ranker.features:
+                table = attach_judge(table, cfg.judgments)
+            scores = ranker.predict(feature_matrix(table, ranker.features))
+        run = run_table(table.column("qid").to_pylist(), table.column("docid").to_pylist(), scores)
+        write_table(out, run)
+    return write_stage_files(out, "rank.predict", cfg, {"rows": run.num_rows,
+                                                        "queries": len(pc.unique(run.column("qid")))},
+                             [cfg.features], timer.seconds, {"table": "run"})  # fmt: skip
+
+
+class RankEvalConfig(StageConfig):
+    """``augrel rank eval``: a run against human qrels, optionally paired against a baseline run."""
+
+    run: str = Field(description="run table (qid, docid, score, rank)")
+    qrels: str = Field(description="qrels table, labelled pairs, or a TREC qrels file")
+    out: str = Field(description="output directory: metrics.json, per_query.parquet")
+    baseline: str | None = Field(
+        None, description="another run to compare with (paired t-test, bootstrap CI)"
+    )
+    min_rel: int = Field(
+        2, ge=1, description="grade counted relevant by MRR/recall; queries without one are skipped"
+    )
+
+
+def _run_dict(path: str) -> dict[str, dict[str, float]]:
+    from eval.ranking import run_from_scores
+
+    t = (
+        T.conform(T.RUN, read_table(path), path)
+        if "rank" in read_table(path).column_names
+        else read_table(path)
+    )
+    return run_from_scores(t.column("qid").to_pylist(), t.column("docid").to_pylist(),
+                           t.column("score").to_numpy(zero_copy_only=False))  # fmt: skip
+
+
+def evaluate(cfg: RankEvalConfig) -> StageResult:
+    from eval.ranking import SHORT, evaluate_run, paired_compare, qrels_from_labels
+    from pipelines.judge import read_qrels
+
+    out = Path(cfg.out)
+    with Timer() as timer:
+        q = read_qrels(cfg.qrels, list(T.DEFAULT_GRADES))
+        qrels = qrels_from_labels(q.column("qid").to_pylist(), q.column("docid").to_pylist(),
+                                  q.column("label").to_pylist())  # fmt: skip
+        report = evaluate_run(_run_dict(cfg.run), qrels, min_rel=cfg.min_rel)
+        result: dict[str, Any] = {"mean": {SHORT[m]: v for m, v in report.mean.items()},
+                                  "n_queries": report.n_queries, "excluded": report.excluded}  # fmt: skip
+        if cfg.baseline:
+            base = evaluate_run(_run_dict(cfg.baseline), qrels, min_rel=cfg.min_rel)
+            result["vs_baseline"] = {SHORT[m]: paired_compare(base.per_query[m], report.per_query[m], m).__dict__
+                                     for m in report.per_query}  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list) + "\n")
+        qids = sorted(next(iter(report.per_query.values())))
+        write_table(out / "per_query", pa.table({"qid": qids, **{SHORT[m]: [v[x] for x in qids]
+                                                                 for m, v in report.per_query.items()}}))  # fmt: skip
+    return write_stage_files(out, "rank.eval", cfg, {"queries": report.n_queries}, [cfg.run, cfg.qrels],
+                             timer.seconds, result)  # fmt: skip

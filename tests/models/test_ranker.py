@@ -1,0 +1,60 @@
+"""LambdaMART: query grouping, learning a separable signal, continuing training, features."""
+
+import numpy as np
+import pytest
+
+from models.features import check_finite, lexical_features
+from models.ranker import LambdaMARTRanker, RankerParams, group_by_query
+
+
+def test_group_by_query_makes_queries_contiguous_and_keeps_row_order():
+    order, sizes = group_by_query(["b", "a", "b", "c", "a", "b"])
+    assert order.tolist() == [0, 2, 5, 1, 4, 3] and sizes.tolist() == [3, 2, 1]
+
+
+def _data(n_q=40, per_q=12, seed=0):
+    rng = np.random.default_rng(seed)
+    qids = np.repeat([f"q{i}" for i in range(n_q)], per_q)
+    y = rng.integers(0, 4, size=len(qids))
+    X = np.column_stack(
+        [y + rng.normal(0, 0.7, len(y)), rng.normal(size=len(y))]
+    )  # feature 0 carries the grade
+    return X, y, qids
+
+
+def test_ranker_learns_the_informative_feature(tmp_path):
+    X, y, q = _data()
+    Xv, yv, qv = _data(10, seed=1)
+    params = RankerParams(n_estimators=60, min_data_in_leaf=5, early_stopping_rounds=20)
+    r = LambdaMARTRanker(["signal", "noise"], params).fit(X, y, q, Xv, yv, qv)
+    imp = r.importances()
+    assert imp["signal"] > 0.8 and abs(sum(imp.values()) - 1) < 1e-6
+    s = r.predict(Xv)
+    assert np.corrcoef(s, yv)[0, 1] > 0.7
+    loaded = LambdaMARTRanker.load(r.save(tmp_path / "ranker", label_source="human"))
+    np.testing.assert_allclose(loaded.predict(Xv), s, rtol=1e-6)
+    # continued training (the curriculum) starts from the first model's trees
+    more = LambdaMARTRanker(["signal", "noise"], params).fit(X, y, q, init_from=r, n_estimators=10)
+    assert more.booster.num_trees() == r.booster.num_trees() + 10
+
+
+def test_single_document_and_no_positive_queries_are_accepted():
+    X, y, q = _data(5, 4)
+    X, y, q = np.vstack([X, [[0.0, 0.0]]]), np.append(y, 0), np.append(q, "lonely")
+    y[q == "q0"] = 0  # a query with no relevant document
+    LambdaMARTRanker(["signal", "noise"], RankerParams(n_estimators=5, min_data_in_leaf=1)).fit(X, y, q)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="feature 'noise' has 1 NaN"):
+        check_finite(np.array([[1.0, np.nan], [2.0, 3.0]]), ["signal", "noise"])
+    with pytest.raises(ValueError, match="non-negative integer grades"):
+        LambdaMARTRanker(["a"]).fit(np.ones((2, 1)), np.array([0.5, 1]), ["q", "q"])
+
+
+def test_lexical_features():
+    f = lexical_features(
+        ["when was Varburg founded", ""], ["Varburg was founded in 1200", None], ["Varburg", None]
+    )
+    assert f["query_len"].tolist() == [4, 0] and f["overlap"][0] == pytest.approx(0.75)
+    assert f["title_overlap"][0] == pytest.approx(0.25) and f["doc_len"][1] == 0
