@@ -359,6 +359,41 @@ def write_units(batch: pa.Table, out: str) -> pa.Table:
 # ------------------------------------------------------------------------------------------ driver
 
 
+class _LogProgress:
+    """Progress for logs (a Ray job, a pod, nohup): one line every ``every`` seconds instead of a redrawn bar."""
+
+    def __init__(self, total: int | None, every: float = 30.0):
+        self.total, self.every, self.n = total, every, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.n / (now - self.start)
+            left = f", about {(self.total - self.n) / rate / 60:.0f} min left" if self.total and rate else ""
+            of = f" / {self.total:,}" if self.total else ""
+            print(f"annotating: {self.n:,}{of} pairs, {rate:.1f} pairs/s{left}", flush=True)
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress(total: int | None):
+    """A tqdm bar on a terminal; periodic log lines otherwise (a redrawn bar is unreadable in job logs)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc="annotating", unit=" pairs", smoothing=0.1)
+    return _LogProgress(total)
+
+
 @dataclass(frozen=True)
 class ActorResources:
     concurrency: tuple[int, int]
@@ -490,7 +525,6 @@ def _read_unit_meta(path: Path) -> dict[str, Any]:
 def run(cfg: AnnotateConfig) -> StageResult:
     """Plan units, run the missing ones through the actor pool with a progress bar, then account for every pair."""
     import ray
-    from tqdm.auto import tqdm
 
     from cluster.embedded import init_ray
 
@@ -521,7 +555,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
             units_ds = ray.data.from_items([asdict(u) for u in pending], override_num_blocks=len(pending))
             ds = transform(units_ds, cfg, res)
             est = sum(u.stop - u.start for u in pending if u.fmt == "parquet") or None
-            with tqdm(total=est, desc="annotating", unit=" pairs", disable=None, smoothing=0.1) as bar:
+            with progress(est) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     t_last = time.perf_counter()
                     if t_first is None:

@@ -30,7 +30,14 @@ from pydantic import Field
 
 from pipelines.errors import DataError
 from pipelines.io import read_table, write_table
-from pipelines.rank import RankTrainConfig, attach_judge, feature_matrix, fit_ranker, split_queries
+from pipelines.rank import (
+    RankerSettings,
+    RankTrainConfig,
+    attach_judge,
+    feature_matrix,
+    fit_ranker,
+    split_queries,
+)
 from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
 
 log = logging.getLogger("augrel")
@@ -60,10 +67,7 @@ class AugmentConfig(StageConfig):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     fold_seed: int = 0
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    n_estimators: int = 300
-    num_leaves: int = 15
-    learning_rate: float = 0.05
-    min_data_in_leaf: int = 20
+    ranker: RankerSettings = RankerSettings(n_estimators=300)
 
 
 def _per_query(table: pa.Table, rows: np.ndarray, scores: np.ndarray, qrels) -> dict[str, dict[str, float]]:
@@ -111,8 +115,7 @@ def augment(cfg: AugmentConfig) -> StageResult:
                         source, fraction = TRAINED[m]
                         rcfg = RankTrainConfig(features=cfg.features, out=str(out), label_source=source,
                                                human_fraction=fraction or cfg.human_fraction, seed=seed,
-                                               n_estimators=cfg.n_estimators, num_leaves=cfg.num_leaves,
-                                               learning_rate=cfg.learning_rate, min_data_in_leaf=cfg.min_data_in_leaf)  # fmt: skip
+                                               ranker=cfg.ranker)  # fmt: skip
                         ranker, _ = fit_ranker(table, rcfg, train_q, val_q)
                         scores = ranker.predict(
                             feature_matrix(table.take(pa.array(test_rows)), ranker.features)

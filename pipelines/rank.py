@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines import tables as T
 from pipelines.errors import ConfigError, DataError
@@ -54,6 +54,7 @@ class FeaturesConfig(StageConfig):
     batch_size: int = Field(256, gt=0)
     concurrency: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0, description="> 0: the encoder runs on the actor's GPU")
 
 
 class FeatureActor:
@@ -62,7 +63,7 @@ class FeatureActor:
     Input columns: qid, docid, query, text (+ title, label when present). Output: qid, docid, label, FEATURES.
     """
 
-    def __init__(self, index_dir: str, encoder: str | None, threads: int):
+    def __init__(self, index_dir: str, encoder: str | None, threads: int, device: str = "cpu"):
         import torch
 
         from models.encoder import MeanPoolEncoder
@@ -70,7 +71,7 @@ class FeatureActor:
 
         torch.set_num_threads(threads)
         self.index = BM25Index.load(index_dir)
-        self.encoder = MeanPoolEncoder(encoder)
+        self.encoder = MeanPoolEncoder(encoder, device=device)
         self._query_vec: dict[str, np.ndarray] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -132,9 +133,11 @@ def features(cfg: FeaturesConfig) -> StageResult:
         ds = ds.map_batches(
             FeatureActor, batch_size=cfg.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"index_dir": str(index_dir), "encoder": cfg.encoder,
-                                   "threads": max(1, round(cfg.num_cpus_per_actor))},
+                                   "threads": max(1, round(cfg.num_cpus_per_actor)),
+                                   "device": "cuda" if cfg.num_gpus_per_actor else "cpu"},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
             num_cpus=cfg.num_cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor or None,
         )  # fmt: skip
         n = _write_parts(ds, out)
         write_table(out / "rejected", rejected)
@@ -224,6 +227,23 @@ def training_labels(
 # ---------------------------------------------------------------------------------------- train
 
 
+class RankerSettings(BaseModel):
+    """LambdaMART settings a config may change (the rest are models.ranker.RankerParams defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_leaves: int = Field(15, gt=1)
+    learning_rate: float = Field(0.05, gt=0)
+    n_estimators: int = Field(400, gt=0, description="boosting rounds at most (early stopping may use fewer)")
+    min_data_in_leaf: int = Field(20, gt=0)
+    early_stopping_rounds: int = Field(50, gt=0)
+
+    def params(self, seed: int):
+        from models.ranker import RankerParams
+
+        return RankerParams(**self.model_dump(), seed=seed)
+
+
 class RankTrainConfig(StageConfig):
     """``augrel rank train``: LambdaMART on a features table with the chosen label source."""
 
@@ -238,11 +258,7 @@ class RankTrainConfig(StageConfig):
     )
     curriculum_rounds: int = Field(100, gt=0, description="trees added on human labels after the judge stage")
     seed: int = 0
-    num_leaves: int = 15
-    learning_rate: float = 0.05
-    n_estimators: int = 400
-    min_data_in_leaf: int = 20
-    early_stopping_rounds: int = 50
+    ranker: RankerSettings = RankerSettings()
 
 
 def feature_names(use_judge: bool) -> list[str]:
@@ -267,7 +283,7 @@ def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
 
 def fit_ranker(table: pa.Table, cfg: RankTrainConfig, train_q: set[str], val_q: set[str]):
     """Train on ``train_q`` with early stopping on ``val_q``, both labelled as ``cfg`` says."""
-    from models.ranker import LambdaMARTRanker, RankerParams
+    from models.ranker import LambdaMARTRanker
 
     names = feature_names(cfg.use_judge_feature)
     X = feature_matrix(table, names)
@@ -275,9 +291,7 @@ def fit_ranker(table: pa.Table, cfg: RankTrainConfig, train_q: set[str], val_q: 
     human = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
     keep = human_mask(list(qids), ~np.isnan(human), cfg.human_fraction, cfg.seed)
     stages = training_labels(table, cfg.label_source, keep)
-    params = RankerParams(num_leaves=cfg.num_leaves, learning_rate=cfg.learning_rate, n_estimators=cfg.n_estimators,
-                          min_data_in_leaf=cfg.min_data_in_leaf, early_stopping_rounds=cfg.early_stopping_rounds,
-                          seed=cfg.seed)  # fmt: skip
+    params = cfg.ranker.params(cfg.seed)
     ranker = None
     in_train = np.isin(qids, list(train_q))
     in_val = np.isin(qids, list(val_q))

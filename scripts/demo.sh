@@ -39,7 +39,7 @@ $AUGREL rank predict --feature bm25 --features "$OUT/features-test" --out "$OUT/
 $AUGREL rank eval --run "$OUT/run-lambdamart" --baseline "$OUT/run-bm25" --qrels "$OUT/splits/test/qrels" --out "$OUT/rank-eval"
 echo "== 12/12 augmentation experiment on the test queries: 20% human vs + judge labels vs 100% ($OUT/augment)"
 $AUGREL experiment augment --features "$OUT/features-test" --judgments "$OUT/judgments" --out "$OUT/augment" \
-  --set folds=4 --set "seeds=[0,1]" --set n_estimators=150
+  --set folds=4 --set "seeds=[0,1]" --set ranker.n_estimators=150
 
 echo
 echo "demo finished in $(( $(date +%s) - start ))s; made:"

@@ -94,7 +94,7 @@ def test_train_predict_eval_beat_chance(feature_table, synth_dataset, tmp_path):
     judg = _judgments(out, tmp_path / "judgments", flip=0.3)
     rdir = tmp_path / "ranker"
     r = train(RankTrainConfig(features=str(out), judgments=str(judg), label_source="curriculum",
-                              human_fraction=0.3, out=str(rdir), min_data_in_leaf=5))  # fmt: skip
+                              human_fraction=0.3, out=str(rdir), ranker={"min_data_in_leaf": 5}))  # fmt: skip
     assert (
         (rdir / "model.txt").exists() and (rdir / "importances.png").exists() and r.extra["label_rows"][0] > 0
     )
@@ -137,7 +137,7 @@ def test_augment_with_a_perfect_judge_matches_full_human_labels(feature_table, t
     out, _ = feature_table
     judg = _judgments(out, tmp_path / "perfect", flip=0.0)
     cfg = AugmentConfig(features=str(out), judgments=str(judg), out=str(tmp_path / "aug"), folds=3, seeds=[0, 1],
-                        n_estimators=60, min_data_in_leaf=5)  # fmt: skip
+                        ranker={"n_estimators": 60, "min_data_in_leaf": 5})  # fmt: skip
     r = augment(cfg)
     s = r.extra["summary"]
     # a judge that agrees with the humans turns "20% human + judge" into "100% human": the same labels
