@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +421,22 @@ def actor_resources(cfg: AnnotateConfig) -> ActorResources:
     )
 
 
+def fit_pool(res: ActorResources, cluster: dict[str, float]) -> ActorResources:
+    """Shrink a profile's pool to what the cluster holds beside the read/write tasks (never below one actor).
+
+    Only profile defaults are shrunk; a pool the user asked for is checked by ``check_fits`` instead. The profile
+    names a fixed size where it can: Ray Data's autoscaler adds actors only under queue pressure, and on a small
+    machine a (1, 2) pool was seen to stay at one actor for a whole run.
+    """
+    if res.num_gpus:
+        most = int(cluster.get("GPU", 0) // res.num_gpus)
+    else:
+        most = int((cluster.get("CPU", 0) - 2 * IO_TASK_CPUS + 1e-9) // res.num_cpus)
+    most = max(1, most)
+    lo, hi = res.concurrency
+    return replace(res, concurrency=(min(lo, most), min(hi, most)))
+
+
 def check_fits(res: ActorResources, cluster: dict[str, float]) -> None:
     """Refuse a pool that would leave no CPU for the read and write tasks (the dataset would hang)."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
@@ -533,6 +549,8 @@ def run(cfg: AnnotateConfig) -> StageResult:
     with Timer() as timer:
         units, inputs = plan_units(cfg.pairs, cfg.unit_rows)
         res = actor_resources(cfg)
+        if cfg.concurrency is None:
+            res = fit_pool(res, ray.cluster_resources())
         check_fits(res, ray.cluster_resources())
         plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
                 "prompt": {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens},

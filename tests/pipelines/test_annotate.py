@@ -229,12 +229,14 @@ def test_resume_after_driver_killed_equals_uninterrupted_run(ray_session, refere
 
 
 def test_pool_that_would_starve_reads_is_refused(tmp_path):
-    from pipelines.annotate import actor_resources, check_fits
+    from pipelines.annotate import actor_resources, check_fits, fit_pool
 
     cfg = AnnotateConfig(pairs="x", out=str(tmp_path))
     res = actor_resources(cfg)  # the cpu-small profile
-    assert res.concurrency == (1, 2) and res.num_cpus == 0.9 and res.threads == 1
+    assert res.concurrency == (2, 2) and res.num_cpus == 0.9 and res.threads == 1
     check_fits(res, {"CPU": 2.0})
+    assert fit_pool(res, {"CPU": 1.0}).concurrency == (1, 1)  # a 1-CPU machine still gets one actor
+    assert fit_pool(res, {"CPU": 16.0}).concurrency == (2, 2)
     with pytest.raises(ConfigError, match="num_cpus_per_actor: 2 leaves no CPU"):
         check_fits(actor_resources(cfg.model_copy(update={"num_cpus_per_actor": 2.0})), {"CPU": 2.0})
     with pytest.raises(ConfigError, match="num_gpus_per_actor: 1 but the cluster has 0 GPUs"):
