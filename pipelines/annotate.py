@@ -458,10 +458,10 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
     """
     import ray.data
 
-    max_chars = CHARS_PER_TOKEN_BOUND * cfg.max_doc_tokens
-    if _is_judge_dir(cfg.judge):
-        from models.judge_card import JudgeCard
+    from models.judge_card import JudgeCard, is_judge_dir
 
+    max_chars = CHARS_PER_TOKEN_BOUND * cfg.max_doc_tokens
+    if is_judge_dir(cfg.judge):
         max_chars = CHARS_PER_TOKEN_BOUND * JudgeCard.load(cfg.judge).max_doc_tokens
     ds = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                            fn_kwargs={"out": str(Path(cfg.out).resolve()), "max_chars": max_chars})  # fmt: skip
@@ -487,12 +487,6 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
     )
     return ds.map_batches(write_units, batch_size=None, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                           fn_kwargs={"out": str(Path(cfg.out).resolve())})  # fmt: skip
-
-
-def _is_judge_dir(judge: str) -> bool:
-    from models.judge_card import is_judge_dir
-
-    return is_judge_dir(judge)
 
 
 def done_units(out: Path) -> set[str]:
@@ -625,8 +619,8 @@ def _account(out: Path, units: list[WorkUnit]) -> tuple[dict[str, int], list[str
 
 
 def _card_dict(judge: str) -> dict[str, Any]:
-    from models.judge_card import CARD
+    from models.judge_card import CARD, is_judge_dir
 
-    if _is_judge_dir(judge):
+    if is_judge_dir(judge):
         return json.loads((Path(judge) / CARD).read_text())
     return {"base_model": judge, "adapter": None}

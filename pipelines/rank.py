@@ -419,11 +419,7 @@ class RankEvalConfig(StageConfig):
 def _run_dict(path: str) -> dict[str, dict[str, float]]:
     from eval.ranking import run_from_scores
 
-    t = (
-        T.conform(T.RUN, read_table(path), path)
-        if "rank" in read_table(path).column_names
-        else read_table(path)
-    )
+    t = T.conform(T.RUN, read_table(path), path)
     return run_from_scores(t.column("qid").to_pylist(), t.column("docid").to_pylist(),
                            t.column("score").to_numpy(zero_copy_only=False))  # fmt: skip
 
