@@ -57,3 +57,49 @@ def check_finite(matrix: np.ndarray, names: Sequence[str]) -> None:
         rows = int(bad[:, col].sum())
         raise ValueError(f"feature '{names[col]}' has {rows} NaN or infinite value(s) (first at row "
                          f"{int(np.flatnonzero(bad[:, col])[0])})")  # fmt: skip
+
+
+class PairFeaturizer:
+    """The ``FEATURES`` of (query, document) pairs from a BM25 index and a dense encoder: one code path for the
+    batch features stage and the served ranker, so a ranker is scored on the features it was trained on.
+
+    Args:
+        index: a ``retrieval.bm25.BM25Index`` over the corpus (``score_pairs`` by docid, ``score_texts`` by text).
+        encoder: anything with ``encode(texts) -> (n, dim)`` unit vectors (``models.encoder.MeanPoolEncoder``).
+        query_cache: queries whose embeddings are kept (a batch table repeats each query many times).
+    """
+
+    def __init__(self, index, encoder, query_cache: int = 4096):
+        self.index, self.encoder, self.query_cache = index, encoder, query_cache
+        self._query_vec: dict[str, np.ndarray] = {}
+
+    def _query_vectors(self, queries: Sequence[str]) -> np.ndarray:
+        new = list(dict.fromkeys(q for q in queries if q not in self._query_vec))
+        if new:
+            if len(self._query_vec) + len(new) > self.query_cache:
+                self._query_vec.clear()
+            self._query_vec.update(zip(new, self.encoder.encode(new), strict=True))
+        return np.stack([self._query_vec[q] for q in queries])
+
+    def __call__(self, queries: Sequence[str], texts: Sequence[str | None], docids: Sequence[str] | None = None,
+                 titles: Sequence[str | None] | None = None,
+                 doc_vectors: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """Feature name -> float32 array, one value per pair. With ``docids``, BM25 reads the indexed document
+        of that id (the corpus' own text); without, it scores the given text with the corpus' statistics.
+        ``doc_vectors``: the documents' embeddings when already known (an index stores them), else encoded."""
+        n = len(queries)
+        bm25, rank = np.zeros(n, np.float32), np.ones(n, np.int32)
+        by_query: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_query.setdefault(q, []).append(i)
+        for q, idx in by_query.items():
+            if docids is not None:
+                s, r = self.index.score_pairs(q, [docids[i] for i in idx])
+            else:
+                s, r = self.index.score_texts(q, [texts[i] for i in idx])
+            bm25[idx], rank[idx] = s, r
+        dvec = self.encoder.encode(texts) if doc_vectors is None else np.asarray(doc_vectors, np.float32)
+        qvec = self._query_vectors(queries) if n else dvec
+        return {"bm25": bm25, "bm25_rank": np.log2(rank.astype(np.float32)),
+                "dense_cos": (qvec * dvec).sum(1).astype(np.float32),
+                **lexical_features(queries, texts, titles)}  # fmt: skip

@@ -281,6 +281,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory")
     _add_config_args(p)
 
+    # ----------------------------------------------------------------- index
+    ix = sub.add_parser(
+        "index", help="retrieval indexes over a docs table (BM25, FAISS)", formatter_class=_Formatter
+    )
+    isub = ix.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    p = isub.add_parser(
+        "build", formatter_class=_Formatter, help="docs -> BM25 + FAISS index directory (what augrel serve loads)",
+        description="Copy the docs (docid, text, title) into OUT/docs, build a BM25 index (bm25s, stemmed) in "
+        "OUT/bm25 and, unless --set dense=false, a FAISS index of MiniLM document vectors in OUT/dense (vectors "
+        "computed on a Ray Data actor pool; --set kind=flat|ivf|hnsw; --set num_gpus_per_actor=1 on GPUs).",
+    )  # fmt: skip
+    p.add_argument("--docs", help="docs table")
+    p.add_argument("--out", help="index directory")
+    _add_config_args(p)
+
+    # ----------------------------------------------------------------- serve
+    p = sub.add_parser(
+        "serve", formatter_class=_Formatter,
+        help="serve the ranker (and judge) on Ray Serve: POST /rank, POST /judge, /healthz, /readyz, /docs",
+        description="Start Ray Serve's HTTP proxy on HOST:PORT and deploy the ranker behind a FastAPI ingress "
+        "(autoscaled replicas; 503 past max_queued_requests; 422 naming the bad field; bearer-token auth when "
+        "$AUGREL_SERVE_TOKEN is set). Runs until Ctrl-C on an embedded Ray; with --address and --detach it "
+        "leaves the application on the cluster. Example config: configs/serve-demo.yaml.",
+    )  # fmt: skip
+    p.add_argument("--ranker", help="ranker directory (augrel rank train)")
+    p.add_argument("--index", help="index directory (augrel index build)")
+    p.add_argument("--judge", help="judge directory or model to serve on POST /judge")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--detach", action="store_true", help="deploy and return (on a cluster given by --address)"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="deploy, rank one query from the index, print it, stop"
+    )
+    _add_config_args(p)
+
     # --------------------------------------------------------------- cluster
     cl = sub.add_parser(
         "cluster",
@@ -513,6 +550,58 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(a: argparse.Namespace) -> int:
+    from pipelines.index import IndexConfig, build
+    from pipelines.stage import load_config
+
+    cfg = load_config(IndexConfig, a.config, a.overrides, docs=a.docs, out=a.out)
+    if cfg.dense:
+        from cluster.embedded import init_ray
+
+        init_ray(a.address, quiet=not a.verbose)
+    print(build(cfg).summary())
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from cluster.embedded import init_ray
+    from pipelines import serve
+    from pipelines.stage import load_config
+
+    values = {"ranker": a.ranker, "index": a.index, "host": a.host, "port": a.port}
+    if a.judge:
+        values["judge"] = {"path": a.judge}
+    cfg = load_config(serve.ServeConfig, a.config, a.overrides, **values)
+    if a.detach and not (a.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(
+            "--detach needs a cluster (--address or RAY_ADDRESS): an embedded Ray ends with this process"
+        )
+    init_ray(a.address, quiet=not a.verbose)
+    serve.start(cfg)
+    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    auth = (
+        " (bearer token from $" + cfg.auth_token_env + ")"
+        if cfg.auth_token_env and os.environ.get(cfg.auth_token_env)
+        else ""
+    )
+    print(f"serving {cfg.name} at {url}{auth}: POST /rank, POST /judge, GET /healthz, /readyz, /docs")
+    if a.check:
+        return serve.check(cfg, url)
+    if a.detach:
+        return 0
+    print("Ctrl-C stops it")
+    try:
+        while True:
+            import time
+
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+    return 0
+
+
 def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
@@ -557,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "annotate": _cmd_annotate,
         "rank": _cmd_rank,
         "experiment": _cmd_experiment,
+        "index": _cmd_index,
+        "serve": _cmd_serve,
         "cluster": _cmd_cluster,
         "submit": _cmd_submit,
     }

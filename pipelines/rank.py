@@ -67,34 +67,19 @@ class FeatureActor:
         import torch
 
         from models.encoder import MeanPoolEncoder
+        from models.features import PairFeaturizer
         from retrieval.bm25 import BM25Index
 
         torch.set_num_threads(threads)
-        self.index = BM25Index.load(index_dir)
-        self.encoder = MeanPoolEncoder(encoder, device=device)
-        self._query_vec: dict[str, np.ndarray] = {}
+        self.featurize = PairFeaturizer(BM25Index.load(index_dir), MeanPoolEncoder(encoder, device=device))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from models.features import FEATURES, lexical_features
+        from models.features import FEATURES
 
-        qids, docids = batch.column("qid").to_pylist(), batch.column("docid").to_pylist()
-        queries, texts = batch.column("query").to_pylist(), batch.column("text").to_pylist()
+        n = batch.num_rows
         titles = batch.column("title").to_pylist() if "title" in batch.column_names else None
-        n = len(qids)
-        bm25, rank = np.zeros(n, np.float32), np.zeros(n, np.int32)
-        by_query: dict[str, list[int]] = {}
-        for i, q in enumerate(queries):
-            by_query.setdefault(q, []).append(i)
-        for q, idx in by_query.items():
-            s, r = self.index.score_pairs(q, [docids[i] for i in idx])
-            bm25[idx], rank[idx] = s, r
-        new = [q for q in by_query if q not in self._query_vec]
-        if new:
-            self._query_vec.update(zip(new, self.encoder.encode(new), strict=True))
-        dvec = self.encoder.encode(texts)
-        qvec = np.stack([self._query_vec[q] for q in queries])
-        feats = {"bm25": bm25, "bm25_rank": np.log2(rank.astype(np.float32)),
-                 "dense_cos": (qvec * dvec).sum(1).astype(np.float32), **lexical_features(queries, texts, titles)}  # fmt: skip
+        feats = self.featurize(batch.column("query").to_pylist(), batch.column("text").to_pylist(),
+                               docids=batch.column("docid").to_pylist(), titles=titles)  # fmt: skip
         label = batch.column("label") if "label" in batch.column_names else pa.nulls(n, pa.int8())
         cols = {"qid": batch.column("qid"), "docid": batch.column("docid"), "label": label.cast(pa.int8())}
         cols.update({f: pa.array(feats[f], pa.float32()) for f in FEATURES})

@@ -27,10 +27,12 @@ class BM25Params:
 class BM25Index:
     """A bm25s index with its docids, searchable by query text."""
 
-    def __init__(self, retriever, docids: list[str], params: BM25Params):
+    def __init__(self, retriever, docids: list[str], params: BM25Params, avgdl: float | None = None):
         self.retriever, self.docids, self.params = retriever, docids, params
+        self.avgdl = avgdl  # mean indexed tokens per document: what scoring a text outside the corpus needs
         self._row = {d: i for i, d in enumerate(docids)}
         self._stemmer = _stemmer(params.stemmer)
+        self._df: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -46,14 +48,15 @@ class BM25Index:
                                 stemmer=_stemmer(params.stemmer), show_progress=False)  # fmt: skip
         retriever = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
         retriever.index(tokens, show_progress=False)
-        return cls(retriever, list(docids), params)
+        avgdl = float(np.mean([len(ids) for ids in tokens.ids])) if len(docids) else 0.0
+        return cls(retriever, list(docids), params, avgdl)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.retriever.save(str(path))
         (path / "docids.json").write_text(json.dumps(self.docids))
-        (path / "bm25.json").write_text(json.dumps(asdict(self.params)))
+        (path / "bm25.json").write_text(json.dumps({**asdict(self.params), "avgdl": self.avgdl}))
         return path
 
     @classmethod
@@ -61,8 +64,10 @@ class BM25Index:
         import bm25s
 
         path = Path(path)
-        params = BM25Params(**json.loads((path / "bm25.json").read_text()))
-        return cls(bm25s.BM25.load(str(path)), json.loads((path / "docids.json").read_text()), params)
+        meta = json.loads((path / "bm25.json").read_text())
+        avgdl = meta.pop("avgdl", None)
+        return cls(bm25s.BM25.load(str(path)), json.loads((path / "docids.json").read_text()), BM25Params(**meta),
+                   avgdl)  # fmt: skip
 
     def _tokens(self, queries: Sequence[str]):
         import bm25s
@@ -84,6 +89,41 @@ class BM25Index:
         score = np.where(rows >= 0, all_scores[np.maximum(rows, 0)], 0.0).astype(np.float32)
         rank = 1 + np.searchsorted(-order, -score, side="left")
         rank = np.where(rows >= 0, rank, len(self.docids) + 1).astype(np.int32)
+        return score, rank
+
+    def score_texts(self, query: str, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 score of ``query`` against texts that need not be in the corpus (the corpus' IDF and average
+        length), and the 1-based rank each would take in the corpus. A corpus document's own text scores exactly
+        as :meth:`score_pairs` scores its docid: a served ranker sees the features it was trained on.
+        """
+        if self.params.method != "lucene":
+            raise ValueError(f"score_texts implements the lucene BM25 variant, not {self.params.method!r}")
+        if self.avgdl is None:
+            raise ValueError(
+                "this BM25 index predates stored document lengths: rebuild it to score new texts"
+            )
+        if self._df is None:
+            # the score matrix is stored token-major (CSC): a token's column holds one entry per document with it
+            self._df = np.diff(np.asarray(self.retriever.scores["indptr"]))
+        vocab, n = self.retriever.vocab_dict, len(self.docids)
+        (q_tokens,) = self._tokens([query])
+        q_ids = [vocab[t] for t in set(q_tokens) if t in vocab]
+        df = self._df[q_ids].astype(np.float64)
+        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
+        k1, b = self.params.k1, self.params.b
+        score = np.zeros(len(texts), dtype=np.float32)
+        for i, d_tokens in enumerate(self._tokens([t or "" for t in texts])):
+            if not q_ids:
+                break
+            counts: dict[int, int] = {}
+            for t in d_tokens:
+                if t in vocab:
+                    counts[vocab[t]] = counts.get(vocab[t], 0) + 1
+            tf = np.array([counts.get(q, 0) for q in q_ids], dtype=np.float64)
+            norm = k1 * (1 - b + b * len(d_tokens) / max(self.avgdl, 1e-9))
+            score[i] = float((idf * tf / (tf + norm)).sum())
+        order = np.sort(self.scores(query))[::-1]
+        rank = (1 + np.searchsorted(-order, -score, side="left")).astype(np.int32)
         return score, rank
 
     def search(self, queries: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:

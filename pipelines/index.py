@@ -1,0 +1,117 @@
+"""``augrel index build``: a docs table -> a retrieval index directory that ``augrel serve`` loads.
+
+OUT/
+  docs/part-00000.parquet   docid, text, title (the texts the service ranks and returns)
+  bm25/                     bm25s index (always: the ranker's bm25 features need the corpus' statistics)
+  dense/                    FAISS index of MiniLM document vectors (``dense: true``; flat, ivf or hnsw) and
+                            the vectors themselves (vectors.npy: served features encode only the query)
+  config.yaml, manifest.json
+
+Document vectors are computed by a Ray Data actor pool (the encoder loaded once per actor, on its GPU when
+``num_gpus_per_actor`` > 0) and streamed to the driver, which adds them to the FAISS index.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipelines import tables as T
+from pipelines.io import read_table, write_table
+from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
+
+log = logging.getLogger("augrel")
+
+
+class IndexConfig(StageConfig):
+    """``augrel index build``: docs -> BM25 (+ FAISS) index directory for retrieval and serving."""
+
+    docs: str = Field(description="docs table (docid, text, title?)")
+    out: str = Field(description="index directory")
+    dense: bool = Field(True, description="also build a FAISS index of dense document vectors")
+    kind: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type")
+    encoder: str | None = Field(None, description="encoder dir or hub id; default: the packaged MiniLM")
+    k1: float = Field(0.9, gt=0)
+    b: float = Field(0.4, ge=0, le=1)
+    batch_size: int = Field(256, gt=0, description="documents per encoder call")
+    concurrency: int = Field(1, ge=1, description="encoder actors")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0, description="> 0: each encoder actor runs on a GPU")
+
+
+class EncodeActor:
+    """Ray Data callable class: docs (docid, text) -> docid, vector (list<float32>). Loads the encoder once."""
+
+    def __init__(self, encoder: str | None, threads: int, device: str):
+        import torch
+
+        from models.encoder import MeanPoolEncoder
+
+        torch.set_num_threads(threads)
+        self.encoder = MeanPoolEncoder(encoder, device=device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vecs = self.encoder.encode(batch.column("text").to_pylist())
+        flat = pa.array(vecs.reshape(-1), pa.float32())
+        return pa.table({"docid": batch.column("docid"),
+                         "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])})  # fmt: skip
+
+
+def encode_docs(cfg: IndexConfig, docs: pa.Table) -> tuple[list[str], np.ndarray]:
+    import ray
+    from tqdm.auto import tqdm
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts documents
+    ds = ray.data.from_arrow(docs.select(["docid", "text"])).map_batches(
+        EncodeActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"encoder": cfg.encoder, "threads": max(1, round(cfg.num_cpus_per_actor)),
+                               "device": "cuda" if cfg.num_gpus_per_actor else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+    )  # fmt: skip
+    docids: list[str] = []
+    parts: list[np.ndarray] = []
+    with tqdm(total=docs.num_rows, desc="encode docs", unit="doc", mininterval=5) as bar:
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            docids += b.column("docid").to_pylist()
+            col = b.column("vector").combine_chunks()
+            parts.append(col.values.to_numpy().reshape(len(col), -1))
+            bar.update(b.num_rows)
+    return docids, (np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+
+
+def build(cfg: IndexConfig) -> StageResult:
+    from retrieval.bm25 import BM25Index, BM25Params
+
+    out = Path(cfg.out)
+    with Timer() as timer:
+        docs = T.conform(T.DOCS, read_table(cfg.docs), cfg.docs)
+        good, rejected = T.split_rejected(T.DOCS, docs, source=cfg.docs)
+        dup = len(good) - len(set(good.column("docid").to_pylist()))
+        if dup:
+            from pipelines.errors import DataError
+
+            raise DataError(f"{cfg.docs}: {dup} duplicate docid(s); an index needs one text per docid")
+        keep = [c for c in ("docid", "text", "title") if c in good.column_names]
+        write_table(out / "docs", good.select(keep))
+        write_table(out / "rejected", rejected)
+        BM25Index.build(good.column("docid").to_pylist(), good.column("text").to_pylist(),
+                        BM25Params(k1=cfg.k1, b=cfg.b)).save(out / "bm25")  # fmt: skip
+        extra = {"bm25": str(out / "bm25")}
+        if cfg.dense:
+            from cluster.embedded import init_ray
+            from retrieval.dense import DenseIndex, DenseParams, DocVectors
+
+            init_ray()
+            docids, vecs = encode_docs(cfg, good)
+            index = DenseIndex.build(docids, vecs, DenseParams(kind=cfg.kind, encoder=cfg.encoder))
+            index.save(out / "dense")
+            DocVectors.save(out / "dense", vecs)
+            extra.update(dense=str(out / "dense"), dim=int(vecs.shape[1]), kind=cfg.kind)
+    return write_stage_files(out, "index.build", cfg, {"docs": good.num_rows, "rejected": rejected.num_rows},
+                             [cfg.docs], timer.seconds, extra)  # fmt: skip

@@ -1,0 +1,513 @@
+"""``augrel serve``: the LambdaMART ranker (and, optionally, the judge) on Ray Serve behind a FastAPI ingress.
+
+Routes (OpenAPI at ``/docs``):
+
+- ``POST /rank`` ``{query, k, candidates?: [{docid, text, title?}]}`` -> ``{results: [{docid, score, rank}]}``.
+  Without candidates, the top ``first_stage_k`` documents are retrieved from the index (``augrel index build``:
+  BM25 or FAISS); either way each candidate gets the ranker's features (``models.features.PairFeaturizer``, the
+  code the features stage runs, so served features are the trained ones) and the top ``k`` by ranker score return.
+- ``POST /judge`` ``{pairs: [{query, text, title?}]}`` -> the judge's grade, expected grade and grade
+  probabilities per pair. Pairs from concurrent requests are batched into one forward pass (``@serve.batch``).
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (models loaded; what is served).
+
+Requests are JSON validated by pydantic models whose caps come from ``limits`` (a bad field answers 422 naming
+it); bodies over ``limits.max_body_bytes`` answer 413 before they are parsed; nothing is ever unpickled from a
+request. ``max_ongoing_requests`` per replica and ``max_queued_requests`` bound the queue: past them Serve answers
+503 at once instead of letting latency grow without bound. With ``auth_token_env`` naming a set environment
+variable, every route but the health checks needs ``Authorization: Bearer <token>`` (401 otherwise); the replicas
+get only the token's SHA-256.
+
+On Kubernetes the same application is built by ``app_builder`` from a RayService's ``serveConfigV2``
+(``import_path: pipelines.serve:app_builder``, ``args: {config: configs/serve-....yaml}``).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at definition time, and the
+# request models are built per config (their caps come from `limits`), so they are locals a string can't name.
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from pipelines.errors import ConfigError
+from pipelines.stage import StageConfig
+
+log = logging.getLogger("augrel")
+
+SERVE_VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingSettings(_Section):
+    """Ray Serve autoscaling: replicas are added when the average ongoing requests per replica pass the target."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class DeploymentSettings(_Section):
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+    max_ongoing_requests: int = Field(4, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(
+        16, ge=1, description="requests waiting for a replica; past it: 503 at once"
+    )
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1, description="torch threads per replica")
+
+    def options(self) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        return {"autoscaling_config": self.autoscaling.model_dump(), "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests, "ray_actor_options": actor}  # fmt: skip
+
+
+class JudgeServeSettings(_Section):
+    path: str = Field(description="judge directory (augrel judge finetune) or a causal LM used zero-shot")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_batch_size: int = Field(16, ge=1, description="pairs per forward pass, across concurrent requests")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    deployment: DeploymentSettings = DeploymentSettings(
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=1), max_ongoing_requests=64,
+        max_queued_requests=256)  # fmt: skip
+
+
+class Limits(_Section):
+    max_query_chars: int = Field(2_000, ge=1)
+    max_k: int = Field(1_000, ge=1, le=1_000)
+    max_candidates: int = Field(1_000, ge=1)
+    max_text_chars: int = Field(50_000, ge=1, description="per candidate text")
+    max_docid_chars: int = Field(256, ge=1)
+    max_judge_pairs: int = Field(64, ge=1)
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+
+
+class ServeConfig(StageConfig):
+    """``augrel serve``: the ranker (+ judge) as a Ray Serve application."""
+
+    ranker: str = Field(description="ranker directory (augrel rank train)")
+    index: str = Field(description="index directory (augrel index build): docs, bm25/, dense/")
+    retriever: Literal["bm25", "dense"] = Field(
+        "bm25", description="first stage when a request has no candidates"
+    )
+    first_stage_k: int = Field(100, ge=1, description="documents retrieved per query before ranking")
+    encoder: str | None = Field(None, description="dense encoder; default: the one the index was built with")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="encoder and FAISS index device")
+    judge: JudgeServeSettings | None = None
+    deployment: DeploymentSettings = DeploymentSettings()
+    limits: Limits = Limits()
+    auth_token_env: str | None = Field("AUGREL_SERVE_TOKEN",
+                                       description="env var holding the bearer token; unset or empty: no auth")  # fmt: skip
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    name: str = Field("augrel", description="Serve application name")
+    route_prefix: str = "/"
+
+    def check_paths(self) -> None:
+        """Raise ConfigError naming the field whose directory is missing or of the wrong kind. Not a validator:
+        a config written for a cluster (paths on its volume) must still load and validate elsewhere."""
+        problems = []
+        if not (Path(self.ranker) / "ranker.json").exists():
+            problems.append(
+                f"ranker: {self.ranker} is not a ranker directory (no ranker.json; augrel rank train)"
+            )
+        if not (Path(self.index) / "bm25").exists():
+            problems.append(f"index: {self.index} is not an index directory (no bm25/; augrel index build)")
+        elif self.retriever == "dense" and not (Path(self.index) / "dense").exists():
+            problems.append(
+                f"retriever: dense, but {self.index} has no dense/ index (build it with dense: true)"
+            )
+        if problems:
+            raise ConfigError("invalid ServeConfig:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------ the rank service
+
+
+class RankService:
+    """Retrieve (when no candidates are given), featurize and score: plain Python, no Serve, so the served path
+    and the in-process benchmark run the same code."""
+
+    def __init__(self, cfg: ServeConfig):
+        import torch
+
+        from models.encoder import MeanPoolEncoder
+        from models.features import JUDGE_FEATURE, PairFeaturizer
+        from models.ranker import LambdaMARTRanker
+        from pipelines.io import read_table
+        from retrieval.bm25 import BM25Index
+
+        torch.set_num_threads(cfg.deployment.threads)
+        self.ranker = LambdaMARTRanker.load(cfg.ranker)
+        if JUDGE_FEATURE in self.ranker.features:
+            raise ConfigError(f"ranker: {cfg.ranker} uses the judge's score as a feature; serving it would run the "
+                              "judge on every candidate: train the served ranker without use_judge_feature")  # fmt: skip
+        index = Path(cfg.index)
+        self.bm25 = BM25Index.load(index / "bm25")
+        docs = read_table(index / "docs")
+        titles = docs.column("title").to_pylist() if "title" in docs.column_names else [None] * docs.num_rows
+        self.docs = dict(zip(docs.column("docid").to_pylist(),
+                             zip(docs.column("text").to_pylist(), titles, strict=True), strict=True))  # fmt: skip
+        self.dense = self.doc_vectors = None
+        encoder = cfg.encoder
+        device = (
+            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
+        if (index / "dense").exists():
+            from retrieval.dense import DenseIndex, DocVectors
+
+            built_with = json.loads((index / "dense" / "dense.json").read_text()).get("encoder")
+            if cfg.retriever == "dense" and encoder not in (None, built_with):
+                raise ConfigError(f"encoder: {encoder} differs from the one {cfg.index}/dense was built with "
+                                  f"({built_with or 'the packaged MiniLM'}); queries must be encoded the same way")  # fmt: skip
+            if encoder in (None, built_with) and (index / "dense" / "vectors.npy").exists():
+                self.doc_vectors = DocVectors.load(index / "dense")
+                encoder = built_with
+            if cfg.retriever == "dense":
+                self.dense = DenseIndex.load(index / "dense", device=cfg.device)
+                encoder = encoder or self.dense.params.encoder
+        self.encoder = MeanPoolEncoder(encoder, device=device)
+        self.featurize = PairFeaturizer(self.bm25, self.encoder)
+        self.retriever, self.first_stage_k = cfg.retriever, cfg.first_stage_k
+        self.n_docs = len(self.docs)
+
+    def retrieve(self, query: str, k: int) -> list[str]:
+        if self.dense is not None:
+            (hits,) = self.dense.search(self.encoder.encode([query]), k)
+        else:
+            (hits,) = self.bm25.search([query], k)
+        return [d for d, _ in hits]
+
+    def rank(self, query: str, k: int, candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Top ``k`` of the candidates (or of the retrieved documents) by ranker score, best first."""
+        t0 = time.perf_counter()
+        if candidates is None:
+            docids = self.retrieve(query, self.first_stage_k)
+            texts = [self.docs[d][0] for d in docids]
+            titles = [self.docs[d][1] for d in docids]
+            source = self.retriever
+            dvec = self.doc_vectors.get(docids) if self.doc_vectors is not None else None
+        else:
+            docids = [c["docid"] for c in candidates]
+            texts = [c["text"] for c in candidates]
+            titles = [c.get("title") for c in candidates]
+            source, dvec = "request", None  # the client's text, encoded as sent
+        results: list[dict[str, Any]] = []
+        if docids:
+            from models.features import check_finite
+
+            feats = self.featurize([query] * len(docids), texts, titles=titles, doc_vectors=dvec)
+            X = np.column_stack([feats[f] for f in self.ranker.features])
+            check_finite(X, self.ranker.features)
+            scores = self.ranker.predict(X)
+            order = np.lexsort((np.arange(len(scores)), -scores))[:k]  # ties keep the candidates' order
+            results = [
+                {"docid": docids[i], "score": float(scores[i]), "rank": r + 1} for r, i in enumerate(order)
+            ]
+        return {"query": query, "results": results, "candidates": len(docids), "source": source,
+                "took_ms": round(1000 * (time.perf_counter() - t0), 2)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ request models
+
+
+def request_models(limits: Limits) -> dict[str, type[BaseModel]]:
+    """The request bodies, with the caps of ``limits`` (pydantic answers 422 naming the field past a cap)."""
+    strict = ConfigDict(extra="forbid")
+
+    Candidate = create_model(
+        "Candidate", __config__=strict,
+        docid=(str, Field(min_length=1, max_length=limits.max_docid_chars)),
+        text=(str, Field(max_length=limits.max_text_chars)),
+        title=(str | None, Field(None, max_length=limits.max_docid_chars * 4)),
+    )  # fmt: skip
+
+    def _unique(cls, v):
+        if v is not None:
+            seen: set[str] = set()
+            for c in v:
+                if c.docid in seen:
+                    raise ValueError(f"duplicate docid {c.docid!r}")
+                seen.add(c.docid)
+        return v
+
+    RankRequest = create_model(
+        "RankRequest", __config__=strict,
+        __validators__={"unique_docids": field_validator("candidates")(_unique)},
+        query=(str, Field(min_length=1, max_length=limits.max_query_chars, pattern=r"\S")),
+        k=(int, Field(10, ge=1, le=limits.max_k)),
+        candidates=(list[Candidate] | None, Field(None, max_length=limits.max_candidates,
+                                                  description="rank these; omitted: retrieve from the index")),
+    )  # fmt: skip
+    JudgePair = create_model(
+        "JudgePair", __config__=strict,
+        query=(str, Field(min_length=1, max_length=limits.max_query_chars, pattern=r"\S")),
+        text=(str, Field(max_length=limits.max_text_chars)),
+        title=(str | None, Field(None, max_length=limits.max_docid_chars * 4)),
+    )  # fmt: skip
+    JudgeRequest = create_model(
+        "JudgeRequest", __config__=strict,
+        pairs=(list[JudgePair], Field(min_length=1, max_length=limits.max_judge_pairs)),
+    )  # fmt: skip
+    return {
+        "Candidate": Candidate,
+        "RankRequest": RankRequest,
+        "JudgePair": JudgePair,
+        "JudgeRequest": JudgeRequest,
+    }
+
+
+class RankedDoc(BaseModel):
+    docid: str
+    score: float
+    rank: int
+
+
+class RankResponse(BaseModel):
+    query: str
+    results: list[RankedDoc]
+    candidates: int = Field(description="documents scored")
+    source: str = Field(description="where the candidates came from: request, bm25 or dense")
+    took_ms: float
+
+
+class Grade(BaseModel):
+    label: int = Field(description="most probable grade")
+    score: float = Field(description="expected grade")
+    probs: list[float] = Field(description="probability of each grade, lowest first")
+    truncated: bool
+
+
+class JudgeResponse(BaseModel):
+    judge: str
+    prompt_version: str
+    grades: list[Grade]
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past ``max_bytes`` answers 413 before anything parses it (a declared
+    Content-Length is checked up front; a chunked body is counted as it arrives)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._reject(send)
+
+    async def _reject(self, send):
+        body = b'{"detail":"request body too large"}'
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def build_app(cfg: ServeConfig, token: str | None = None):
+    """The Serve application: a FastAPI ingress deployment for the ranker, bound to a judge deployment when
+    ``cfg.judge`` is set. ``token`` defaults to the value of ``cfg.auth_token_env`` in this environment."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from ray import serve
+
+    cfg.check_paths()
+    if token is None and cfg.auth_token_env:
+        token = os.environ.get(cfg.auth_token_env) or None
+    digest = token_digest(token) if token else None
+    models = request_models(cfg.limits)
+    RankRequest, JudgeRequest = models["RankRequest"], models["JudgeRequest"]
+
+    api = FastAPI(title="augrel", version=SERVE_VERSION,
+                  description="Rank documents with augrel's LambdaMART ranker; grade pairs with its judge.")  # fmt: skip
+    api.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
+
+    def authorized(request: Request) -> None:
+        if digest is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), digest):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    judge_app = None
+    if cfg.judge is not None:
+        j = cfg.judge
+
+        @serve.deployment(name="Judge", **j.deployment.options())
+        class JudgeDeployment:
+            def __init__(self, settings: dict[str, Any]):
+                import torch
+
+                from models.judge_card import load_judge
+
+                s = JudgeServeSettings.model_validate(settings)
+                torch.set_num_threads(s.deployment.threads)
+                self.judge = load_judge(s.path, dtype=s.dtype)
+                self.scorer = self.judge.scorer(s.max_batch_size)
+                self.grade.set_max_batch_size(s.max_batch_size)
+                self.grade.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+            def info(self) -> dict[str, str]:
+                return {"judge": self.judge.card.name, "prompt_version": self.scorer.prompt_version}
+
+            @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+            async def grade(self, pairs: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+                q, t, ti = zip(*pairs, strict=True)
+                s = await asyncio.to_thread(self.scorer.score, list(q), list(t), list(ti))
+                return [{"label": int(s.label[i]), "score": float(s.score[i]), "probs": s.probs[i].tolist(),
+                         "truncated": bool(s.truncated[i])} for i in range(len(pairs))]  # fmt: skip
+
+        judge_app = JudgeDeployment.bind(j.model_dump())
+
+    @serve.deployment(name="Ranker", **cfg.deployment.options())
+    @serve.ingress(api)
+    class RankerIngress:
+        def __init__(self, settings: dict[str, Any], judge=None):
+            self.cfg = ServeConfig.model_validate(settings)
+            self.service = RankService(self.cfg)
+            self.judge = judge
+            self.started = time.time()
+
+        @api.get("/healthz", summary="liveness: the replica answers")
+        def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/readyz", summary="readiness: models loaded; what is served")
+        def readyz(self) -> dict[str, Any]:
+            return {"status": "ready", "ranker": self.cfg.ranker, "features": self.service.ranker.features,
+                    "index_docs": self.service.n_docs, "retriever": self.cfg.retriever,
+                    "judge": self.cfg.judge.path if self.cfg.judge else None,
+                    "uptime_s": round(time.time() - self.started, 1)}  # fmt: skip
+
+        @api.post("/rank", response_model=RankResponse, dependencies=[Depends(authorized)],
+                  summary="rank the given candidates, or retrieve and rank")  # fmt: skip
+        def rank(self, req: RankRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+            cands = None if req.candidates is None else [c.model_dump() for c in req.candidates]
+            return self.service.rank(req.query, req.k, cands)
+
+        @api.post("/judge", response_model=JudgeResponse, dependencies=[Depends(authorized)],
+                  summary="grade (query, passage) pairs with the judge")  # fmt: skip
+        async def judge(self, req: JudgeRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+            if self.judge is None:
+                raise HTTPException(404, "no judge is served (set judge.path in the serve config)")
+            grades = await asyncio.gather(
+                *[self.judge.grade.remote((p.query, p.text, p.title)) for p in req.pairs]
+            )
+            info = await self.judge.info.remote()
+            return {**info, "grades": grades}
+
+    return RankerIngress.bind(cfg.model_dump(mode="json"), judge_app)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for ``serveConfigV2`` / ``serve run``: ``args: {config: PATH, set: [key=value, ...]}``."""
+    from pipelines.stage import load_config
+
+    if "config" not in args:
+        raise ConfigError("serve application args: 'config' (path of a serve YAML) is required")
+    cfg = load_config(ServeConfig, args["config"], list(args.get("set", [])))
+    return build_app(cfg)
+
+
+def start(cfg: ServeConfig):
+    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the application; returns its handle."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+
+
+def check(cfg: ServeConfig, url: str, query: str | None = None) -> int:
+    """Ask the running service to rank one query (by default the start of an indexed document), print the
+    answer, and take the application down. What ``augrel serve --check`` (and ``make demo``) runs."""
+    import pyarrow.compute as pc
+    import requests
+    from ray import serve
+
+    from pipelines.io import read_table
+
+    if query is None:
+        text = read_table(Path(cfg.index) / "docs").slice(0, 1).column("text")[0].as_py()
+        query = " ".join(text.split()[:6])
+    headers = {}
+    if cfg.auth_token_env and os.environ.get(cfg.auth_token_env):
+        headers["Authorization"] = f"Bearer {os.environ[cfg.auth_token_env]}"
+    try:
+        ready = requests.get(f"{url}/readyz", timeout=30)
+        r = requests.post(f"{url}/rank", json={"query": query, "k": 5}, headers=headers, timeout=60)
+        print(f"GET /readyz -> {ready.status_code}; POST /rank {query!r} -> {r.status_code}")
+        if r.ok:
+            for hit in r.json()["results"]:
+                print(f"  {hit['rank']}. {hit['docid']}  {hit['score']:+.3f}")
+            print(
+                f"  ({r.json()['candidates']} candidates from {r.json()['source']}, {r.json()['took_ms']:.0f} ms)"
+            )
+        else:
+            print(r.text[:2000])
+        ok = ready.ok and r.ok
+        if cfg.judge is not None and r.ok and r.json()["results"]:
+            top = r.json()["results"][0]["docid"]
+            docs = read_table(Path(cfg.index) / "docs")
+            text = docs.filter(pc.field("docid") == top).column("text")[0].as_py()
+            j = requests.post(f"{url}/judge", json={"pairs": [{"query": query, "text": text}]}, headers=headers,
+                              timeout=120)  # fmt: skip
+            if j.ok:
+                g = j.json()["grades"][0]
+                print(
+                    f"POST /judge (query, top document) -> 200: grade {g['label']}, expected {g['score']:.2f}"
+                )
+            else:
+                print(f"POST /judge -> {j.status_code}\n{j.text[:2000]}")
+            ok = ok and j.ok
+        return 0 if ok else 1
+    finally:
+        serve.delete(cfg.name)
