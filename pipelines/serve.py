@@ -147,6 +147,12 @@ class ServeConfig(StageConfig):
 # ------------------------------------------------------------------------------------ the rank service
 
 
+class UnknownCandidate(ValueError):
+    def __init__(self, index: int, docid: str):
+        super().__init__(f"candidate {index}: docid {docid!r} is not in the index, so its text is needed")
+        self.index, self.docid = index, docid
+
+
 class RankService:
     """Retrieve (when no candidates are given), featurize and score: plain Python, no Serve, so the served path
     and the in-process benchmark run the same code."""
@@ -201,6 +207,31 @@ class RankService:
             (hits,) = self.bm25.search([query], k)
         return [d for d, _ in hits]
 
+    def _candidates(self, candidates: list[dict[str, Any]]):
+        """A request's candidates: an indexed docid sent without text, or with the indexed text, reuses the
+        stored document vector; any other text is encoded as sent."""
+        docids = [c["docid"] for c in candidates]
+        texts, titles = [], []
+        for i, c in enumerate(candidates):
+            if c.get("text") is None:
+                if c["docid"] not in self.docs:
+                    raise UnknownCandidate(i, c["docid"])
+                texts.append(self.docs[c["docid"]][0])
+                titles.append(c.get("title") or self.docs[c["docid"]][1])
+            else:
+                texts.append(c["text"])
+                titles.append(c.get("title"))
+        if self.doc_vectors is None:
+            return docids, texts, titles, None
+        known = [i for i, d in enumerate(docids) if d in self.doc_vectors and self.docs[d][0] == texts[i]]
+        new = [i for i in range(len(docids)) if i not in set(known)]
+        dvec = np.zeros((len(docids), self.encoder.dim), np.float32)
+        if known:
+            dvec[known] = self.doc_vectors.get([docids[i] for i in known])
+        if new:
+            dvec[new] = self.encoder.encode([texts[i] for i in new])
+        return docids, texts, titles, dvec
+
     def rank(self, query: str, k: int, candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Top ``k`` of the candidates (or of the retrieved documents) by ranker score, best first."""
         t0 = time.perf_counter()
@@ -211,10 +242,8 @@ class RankService:
             source = self.retriever
             dvec = self.doc_vectors.get(docids) if self.doc_vectors is not None else None
         else:
-            docids = [c["docid"] for c in candidates]
-            texts = [c["text"] for c in candidates]
-            titles = [c.get("title") for c in candidates]
-            source, dvec = "request", None  # the client's text, encoded as sent
+            docids, texts, titles, dvec = self._candidates(candidates)
+            source = "request"
         results: list[dict[str, Any]] = []
         if docids:
             from models.features import check_finite
@@ -241,7 +270,8 @@ def request_models(limits: Limits) -> dict[str, type[BaseModel]]:
     Candidate = create_model(
         "Candidate", __config__=strict,
         docid=(str, Field(min_length=1, max_length=limits.max_docid_chars)),
-        text=(str, Field(max_length=limits.max_text_chars)),
+        text=(str | None, Field(None, max_length=limits.max_text_chars,
+                                description="omitted: the indexed document of this docid")),
         title=(str | None, Field(None, max_length=limits.max_docid_chars * 4)),
     )  # fmt: skip
 
@@ -432,7 +462,11 @@ def build_app(cfg: ServeConfig, token: str | None = None):
                   summary="rank the given candidates, or retrieve and rank")  # fmt: skip
         def rank(self, req: RankRequest) -> dict[str, Any]:  # type: ignore[valid-type]
             cands = None if req.candidates is None else [c.model_dump() for c in req.candidates]
-            return self.service.rank(req.query, req.k, cands)
+            try:
+                return self.service.rank(req.query, req.k, cands)
+            except UnknownCandidate as e:
+                raise HTTPException(422, [{"type": "missing", "loc": ["body", "candidates", e.index, "text"],
+                                           "msg": str(e)}]) from None  # fmt: skip
 
         @api.post("/judge", response_model=JudgeResponse, dependencies=[Depends(authorized)],
                   summary="grade (query, passage) pairs with the judge")  # fmt: skip

@@ -86,6 +86,11 @@ def test_rank_given_candidates_matches_the_in_process_service(served, synth_data
     assert grade[body["results"][0]["docid"]] == max(grade.values())
     local = RankService(cfg).rank(query, 5, cands)
     assert [h["docid"] for h in local["results"]] == [h["docid"] for h in body["results"]]
+    # indexed documents named by docid alone rank the same (their stored text and vector)
+    by_id = _post(url, "/rank", {"query": query, "k": 5, "candidates": [{"docid": c["docid"]} for c in cands]})
+    assert [h["docid"] for h in by_id.json()["results"]] == [h["docid"] for h in body["results"]]
+    for a, b in zip(by_id.json()["results"], body["results"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
 @pytest.mark.parametrize("retriever", ["bm25", "dense"])
@@ -111,7 +116,7 @@ BAD = [
     ({"query": "q", "k": 0}, "k"),
     ({"query": "q", "k": 1001}, "k"),
     ({"query": "q", "k": "ten"}, "k"),
-    ({"query": "q", "candidates": [{"docid": "a"}]}, "text"),
+    ({"query": "q", "candidates": [{"docid": "not-indexed"}]}, "text"),
     ({"query": "q", "candidates": [{"docid": "", "text": "t"}]}, "docid"),
     ({"query": "q", "candidates": [{"docid": "a", "text": "t"}, {"docid": "a", "text": "u"}]}, "candidates"),
     ({"query": "q", "candidates": [{"docid": f"d{i}", "text": "t"} for i in range(201)]}, "candidates"),
