@@ -61,7 +61,11 @@ def build_inputs(n_queries: int | None) -> tuple[Path, list[dict]]:
     pairs = pairs.filter(pc.is_in(pairs.column("qid"), value_set=__import__("pyarrow").array(qids)))
     root = WORK / f"dl19-{len(qids)}q"
     if not (root / "index" / "manifest.json").exists():
-        docs = pairs.select(["docid", "text"]).group_by("docid", use_threads=False).aggregate([("text", "first")])
+        docs = (
+            pairs.select(["docid", "text"])
+            .group_by("docid", use_threads=False)
+            .aggregate([("text", "first")])
+        )
         write_table(root / "docs", docs.rename_columns(["docid", "text"]))
         build(
             IndexConfig(docs=str(root / "docs"), out=str(root / "index"), concurrency=1, num_cpus_per_actor=2)

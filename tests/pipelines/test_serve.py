@@ -87,7 +87,9 @@ def test_rank_given_candidates_matches_the_in_process_service(served, synth_data
     local = RankService(cfg).rank(query, 5, cands)
     assert [h["docid"] for h in local["results"]] == [h["docid"] for h in body["results"]]
     # indexed documents named by docid alone rank the same (their stored text and vector)
-    by_id = _post(url, "/rank", {"query": query, "k": 5, "candidates": [{"docid": c["docid"]} for c in cands]})
+    by_id = _post(
+        url, "/rank", {"query": query, "k": 5, "candidates": [{"docid": c["docid"]} for c in cands]}
+    )
     assert [h["docid"] for h in by_id.json()["results"]] == [h["docid"] for h in body["results"]]
     for a, b in zip(by_id.json()["results"], body["results"], strict=True):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
