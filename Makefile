@@ -12,7 +12,7 @@ STAMP := $(VENV)/.augrel-installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench lint format clean
+.PHONY: setup browser test test-all demo bench lint format clean
 
 setup: $(STAMP)
 
@@ -28,15 +28,26 @@ else
 endif
 	touch $(STAMP)
 
+# The report test renders the HTML report in headless Chromium: Debian's package, installed when missing and
+# apt-get can (root, or password-less sudo); otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if command -v apt-get >/dev/null 2>&1 && $$SUDO true 2>/dev/null; then \
+	    echo "installing chromium (Debian) for the report test"; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	      || echo "chromium could not be installed: the report rendering test will skip"; \
+	  else echo "no apt-get or no root: the report rendering test will skip"; fi; }
+
 # Everything but the tests that load real models (`slow`) or need a GPU (`gpu`): see test-all.
-test: setup
+test: setup browser
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	bash scripts/demo.sh $(DEMO_DIR)
+	$(AUGREL) run configs/demo.yaml --set out=$(DEMO_DIR)
 
 bench: setup
 	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done

@@ -281,6 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory")
     _add_config_args(p)
 
+    # ------------------------------------------------------------------- run
+    p = sub.add_parser(
+        "run", formatter_class=_Formatter,
+        help="the whole method as one pipeline: judge, annotate, rank, evaluate, report (skips unchanged stages)",
+        description="Run the stages of PIPELINE.yaml in order (data, validate, split, judge finetune, annotate, "
+        "judge eval, rank features, rank train, rank eval, experiment augment, index build, serve check, "
+        "report), each stage's output directory under OUT the next one's input. A stage whose config, inputs "
+        "(content hashes) and outputs are unchanged since its last run is skipped; OUT/pipeline.json records "
+        "the DAG and hashes. Ends with the report's path (OUT/report/index.html) and the headline figures. "
+        "Configs: configs/demo.yaml, configs/dl19.yaml, configs/gpu-cluster.yaml.",
+    )  # fmt: skip
+    p.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set judge.lr=1e-4 --set out=runs/x")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted stage where it stopped (annotate, judge finetune)")  # fmt: skip
+    p.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on, changed or not"
+    )
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
     # ----------------------------------------------------------------- index
     ix = sub.add_parser(
         "index", help="retrieval indexes over a docs table (BM25, FAISS)", formatter_class=_Formatter
@@ -550,6 +571,24 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(a: argparse.Namespace) -> int:
+    from cluster.embedded import init_ray
+    from pipelines.run import PipelineConfig, headline, run
+    from pipelines.stage import load_config
+
+    cfg = load_config(PipelineConfig, a.pipeline, a.overrides)
+    init_ray(a.address, quiet=not a.verbose)
+    r = run(cfg, resume=a.resume, from_stage=a.from_stage, until=a.until)
+    print()
+    print(f"ran {len(r.ran)} stage(s), skipped {len(r.skipped)} unchanged: "
+          + ", ".join(f"{n} {s:.0f}s" for n, s in r.wall_s.items()))  # fmt: skip
+    for line in headline(Path(r.out)):
+        print(line)
+    if r.report:
+        print(f"report: {r.report}")
+    return 0
+
+
 def _cmd_index(a: argparse.Namespace) -> int:
     from pipelines.index import IndexConfig, build
     from pipelines.stage import load_config
@@ -647,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _cmd_rank,
         "experiment": _cmd_experiment,
         "index": _cmd_index,
+        "run": _cmd_run,
         "serve": _cmd_serve,
         "cluster": _cmd_cluster,
         "submit": _cmd_submit,

@@ -1,0 +1,251 @@
+"""One self-contained HTML report per run (no Ray here): every figure is a PNG embedded as a data URI, so the
+file can be mailed, attached to a ticket or opened offline.
+
+Sections (each from the stage outputs of an ``augrel run`` directory; a stage that did not run is said so):
+data summary, judge training and agreement (kappa, weighted kappa, Krippendorff's alpha, Kendall's tau with
+95% intervals, confusion matrix, calibration), annotation counts and throughput, ranker metrics per label source
+with intervals, serving check, and the configs used.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _img(png: bytes | Path, alt: str) -> str:
+    data = png.read_bytes() if isinstance(png, Path) else png
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _figure(draw: Callable[[Any], None], size: tuple[float, float] = (5, 3)) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return html.escape(str(v))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return (
+        "<table><thead><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + f"</tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)} did not run in this pipeline.</p>'
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def data_section(run: Path) -> str:
+    m = _json(run / "data" / "manifest.json")
+    if m is None:
+        return _missing("Data preparation")
+    grades = {int(k): v for k, v in (m.get("grades") or {}).items()}
+    out = [_table([[k, v] for k, v in m["counts"].items()], ["table", "rows"])]
+    if grades:
+        png = _figure(lambda ax: (ax.bar([str(g) for g in grades], list(grades.values()), color="#4C72B0"),
+                                  ax.set_xlabel("human grade"), ax.set_ylabel("pairs"),
+                                  ax.set_title("Human grades")))  # fmt: skip
+        out.append(_img(png, "human grade distribution"))
+    s = _json(run / "splits" / "manifest.json")
+    if s:
+        out.append(_table([[k, v] for k, v in s["counts"].items()], ["split", "queries"]))
+    v = _json(run / "validation" / "report.json")
+    if v is not None:
+        out.append(f"<p>Validation: {'valid' if v.get('ok') else 'INVALID'}.</p>")
+    return "".join(out)
+
+
+def judge_section(run: Path) -> str:
+    out = []
+    card = _json(run / "judge" / "judge_card.json")
+    if card:
+        t, d = card.get("training", {}), card.get("data", {})
+        out.append(f"<p>Base model <code>{html.escape(str(card['base_model']))}</code>, prompt "
+                   f"<code>{html.escape(str(card['prompt_version']))}</code>, LoRA r={t.get('lora', {}).get('r')}, "
+                   f"{t.get('num_workers')} Ray Train workers, DeepSpeed {t.get('deepspeed')}; "
+                   f"{d.get('train_pairs')} training pairs ({d.get('sampling')}), {d.get('val_pairs')} validation.</p>")  # fmt: skip
+        hist = t.get("history") or []
+        if hist:
+            steps = [h["step"] for h in hist]
+
+            def draw(ax):
+                ax.plot(steps, [h.get("val_kappa", float("nan")) for h in hist], "o-", label="val kappa")
+                ax.plot(steps, [h.get("val_tau", float("nan")) for h in hist], "s-", label="val tau")
+                ax.set_xlabel("optimizer step")
+                ax.legend()
+                ax.set_title("Judge validation during fine-tuning")
+
+            out.append(_img(_figure(draw), "judge validation curve"))
+    else:
+        out.append(_missing("Judge fine-tuning"))
+    m = _json(run / "judge-eval" / "metrics.json")
+    if m:
+        names = {"cohen_kappa": "Cohen's kappa", "weighted_kappa_quadratic": "quadratic weighted kappa",
+                 "krippendorff_alpha_ordinal": "Krippendorff's alpha (ordinal)", "accuracy": "accuracy",
+                 "kendall_tau_b_pooled": "Kendall's tau-b (pooled)",
+                 "kendall_tau_b_per_query_mean": "Kendall's tau-b (per-query mean)"}  # fmt: skip
+        rows = [[names.get(k, k), v, _ci(m.get("ci95", {}).get(k))] for k, v in m["metrics"].items()]
+        out.append(
+            f"<p>{m['n_pairs']:,} held-out pairs over {m['n_queries']} queries, against human grades.</p>"
+        )
+        out.append(_table(rows, ["agreement", "value", "95% CI (bootstrap over queries)"]))
+        for name, alt in (("confusion.png", "confusion matrix"), ("calibration.png", "calibration")):
+            if (run / "judge-eval" / name).exists():
+                out.append(_img(run / "judge-eval" / name, alt))
+    else:
+        out.append(_missing("Judge evaluation"))
+    return "".join(out)
+
+
+def annotation_section(run: Path) -> str:
+    m = _json(run / "judgments" / "manifest.json")
+    if m is None:
+        return _missing("Annotation")
+    res = m.get("resources", {})
+    rows = [[k, v] for k, v in m["counts"].items()]
+    rows += [["work units", m.get("units")], ["pairs/s (whole run)", m.get("pairs_per_s")],
+             ["pairs/s (steady state)", m.get("steady_pairs_per_s")], ["wall s", m.get("wall_s")],
+             ["judge actors", f"{res.get('concurrency')} x {res.get('num_cpus')} CPU / {res.get('num_gpus')} GPU"]]  # fmt: skip
+    out = [_table(rows, ["", "value"])]
+    per = {k: v for k, v in (m.get("pairs_per_s_per_actor") or {}).items() if v}
+    if per:
+        png = _figure(lambda ax: (ax.barh(list(per), list(per.values()), color="#55A868"),
+                                  ax.set_xlabel("pairs/s while busy"), ax.set_title("Judge actors")),
+                      size=(5, 0.5 * len(per) + 1.2))  # fmt: skip
+        out.append(_img(png, "throughput per judge actor"))
+    return "".join(out)
+
+
+def ranking_section(run: Path) -> str:
+    out = []
+    m = _json(run / "rank-eval" / "metrics.json")
+    if m:
+        rows = [[k, v] for k, v in m["mean"].items()]
+        out.append(
+            f"<p>LambdaMART on the training queries' human labels, scored on {m['n_queries']} test "
+            "queries against human labels:</p>"
+        )
+        out.append(_table(rows, ["measure", "mean"]))
+        vs = m.get("vs_baseline") or {}
+        if vs:
+            out.append(_table([[c["measure"], c["mean_a"], c["mean_b"], c["diff"], _ci(c["ci95"]), c["p_ttest"]]
+                               for c in vs.values()],
+                              ["measure", "BM25", "LambdaMART", "difference", "95% CI", "p (paired t)"]))  # fmt: skip
+        if (run / "ranker" / "importances.png").exists():
+            out.append(_img(run / "ranker" / "importances.png", "ranker feature importances"))
+    else:
+        out.append(_missing("Ranker evaluation"))
+    a = _json(run / "augment" / "results.json")
+    if a:
+        out.append("<h3>Label sources (the augmentation experiment)</h3>")
+        table = run / "augment" / "table.md"
+        if table.exists():
+            out.append(f"<p>{html.escape(table.read_text().splitlines()[0])}</p>")
+        out.append(_table([[r["name"], r["ndcg10"], _ci(r.get("ndcg10_ci95")), r["mrr10"], _ci(r.get("mrr10_ci95")),
+                            r["ndcg100"], r.get("ndcg10_vs_h20_p", "")] for r in a.values()],
+                          ["labels", "NDCG@10", "95% CI", "MRR@10", "95% CI", "NDCG@100", "p vs 20% human"]))  # fmt: skip
+        if (run / "augment" / "augment.png").exists():
+            out.append(_img(run / "augment" / "augment.png", "augmentation experiment"))
+    else:
+        out.append(_missing("The augmentation experiment"))
+    return "".join(out)
+
+
+def serving_section(run: Path) -> str:
+    out = []
+    idx = _json(run / "index" / "manifest.json")
+    if idx:
+        out.append(f"<p>Index: {idx['counts'].get('docs', 0):,} documents, BM25"
+                   f"{' + FAISS ' + str(idx.get('kind')) + ' (' + str(idx.get('dim')) + '-d MiniLM)' if idx.get('dense') else ''}.</p>")  # fmt: skip
+    check = _json(run / "serve" / "check.json")
+    if check:
+        out.append(f"<p>Ray Serve check: {html.escape(json.dumps(check))}</p>")
+    return "".join(out) or _missing("Indexing and serving")
+
+
+def configs_section(run: Path) -> str:
+    p = _json(run / "pipeline.json")
+    out = []
+    if p:
+        rows = [[n, s.get("status"), s.get("wall_s"), s.get("config_hash"), s.get("output_hash")]
+                for n, s in p.get("stages", {}).items()]  # fmt: skip
+        out.append(_table(rows, ["stage", "status", "wall s", "config hash", "output hash"]))
+        out.append(f"<pre>{html.escape(yaml.safe_dump(p.get('config', {}), sort_keys=False))}</pre>")
+    for cfg in sorted(run.glob("*/config.yaml")):
+        out.append(f"<details><summary>{html.escape(str(cfg.relative_to(run)))}</summary>"
+                   f"<pre>{html.escape(cfg.read_text())}</pre></details>")  # fmt: skip
+    return "".join(out) or _missing("Configs")
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:.4em 0;display:block}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:85%}.missing{color:#888}h2{border-bottom:1px solid #ddd}"""
+
+SECTIONS = [("Data", data_section), ("Judge", judge_section), ("Annotation", annotation_section),
+            ("Ranking", ranking_section), ("Retrieval and serving", serving_section), ("Configs", configs_section)]  # fmt: skip
+
+
+def render(run: str | Path, title: str | None = None) -> str:
+    run = Path(run)
+    p = _json(run / "pipeline.json") or {}
+    title = title or f"augrel report: {p.get('name', run.name)}"
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+             f"<p>Run directory <code>{html.escape(str(run.resolve()))}</code>; written "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.</p>"]  # fmt: skip
+    for name, section in SECTIONS:
+        try:
+            body = section(run)
+        except Exception as e:  # a report with one broken section beats no report
+            body = f'<p class="missing">could not render this section: {html.escape(repr(e))}</p>'
+        parts.append(f"<h2>{name}</h2>{body}")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(run: str | Path, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "index.html"
+    tmp = out / "index.html.tmp"
+    tmp.write_text(render(run))
+    tmp.replace(path)
+    return path
