@@ -9,8 +9,8 @@ Steps (each an augrel stage, outputs under $AUGREL_BENCH_DIR/augment):
 3. ``rank features`` (BM25 over the collection, MiniLM cosine, lengths, overlap) on a Ray Data actor pool;
 4. ``experiment augment``: prints the table; the plot is augment.png.
 
---quick keeps 12 pairs per query (every query keeps its relevant pairs first) and 2 seeds, so the judge
-grades about 500 pairs. Last line:
+--quick keeps 8 pairs per query (every query keeps its relevant pairs first) and 2 seeds, so the judge
+grades about 340 pairs. Last line:
 ``RESULT ndcg10_h20=.. ndcg10_h20_judge=.. ndcg10_h100=.. ndcg10_bm25=.. mrr10_h20_judge=..``.
 
     python benchmarks/augmentation.py [--quick] [--judge DIR_OR_MODEL] [--judgments DIR]
@@ -55,9 +55,7 @@ def subsample(pairs_dir: Path, out: Path, per_query: int, seed: int = 0) -> Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="12 pairs per query, 2 seeds (under 2 minutes of judging)"
-    )
+    ap.add_argument("--quick", action="store_true", help="8 pairs per query, 2 seeds (about 2 minutes)")
     ap.add_argument("--judge", help="judge directory or base model (default: runs/dl19/judge if present)")
     ap.add_argument("--judgments", help="use these judge labels instead of annotating")
     a = ap.parse_args()
@@ -73,8 +71,9 @@ def main() -> None:
     data = WORK / "dl19"
     if not (data / "pairs").exists():
         prepare(PrepareConfig(format="trec-dl", src=str(DATA / "trec-dl-2019"), out=str(data)))
-    tag = "quick" if a.quick else "full"
-    pairs = subsample(data / "pairs", WORK / f"pairs-{tag}", 12) if a.quick else data / "pairs"
+    per_query = 8
+    tag = f"quick{per_query}" if a.quick else "full"  # names every cached step: a changed subsample rebuilds
+    pairs = subsample(data / "pairs", WORK / f"pairs-{tag}", per_query) if a.quick else data / "pairs"
 
     judge = a.judge or (str(ROOT / "runs/dl19/judge") if (ROOT / "runs/dl19/judge/judge_card.json").exists()
                         else "gemma3-270m")  # fmt: skip
@@ -96,7 +95,9 @@ def main() -> None:
                 AnnotateConfig(judge=judge, pairs=str(pairs), out=judgments, overwrite=True, unit_rows=128)
             )
     feats = WORK / f"features-{tag}"
-    if not (feats / "manifest.json").exists():
+    if not (feats / "manifest.json").exists() or json.loads((feats / "manifest.json").read_text())[
+        "inputs"
+    ] != [str(pairs)]:
         features(FeaturesConfig(pairs=str(pairs), docs=str(data / "docs"), out=str(feats)))
     cfg = AugmentConfig(features=str(feats), judgments=judgments, out=str(WORK / f"experiment-{tag}"),
                         seeds=[0, 1] if a.quick else [0, 1, 2, 3, 4])  # fmt: skip

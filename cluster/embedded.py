@@ -43,6 +43,7 @@ def init_ray(
     dashboard: bool = False,
     log_file: str | os.PathLike | None = None,
     quiet: bool = True,
+    worker_output: bool | None = None,
 ) -> dict[str, Any]:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start an embedded Ray sized to this machine.
 
@@ -62,7 +63,8 @@ def init_ray(
     if ray.is_initialized():
         return _describe(ray, log_path)
     kwargs: dict[str, Any] = {
-        "log_to_driver": not quiet,
+        # worker_output: show what tasks and actors print (the fine-tune's progress lines) without Ray's INFO logs
+        "log_to_driver": (not quiet) if worker_output is None else worker_output,
         "logging_level": logging.WARNING if quiet else logging.INFO,
     }
     if address in (None, "local"):

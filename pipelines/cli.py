@@ -577,7 +577,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from pipelines.stage import load_config
 
     cfg = load_config(PipelineConfig, a.pipeline, a.overrides)
-    init_ray(a.address, quiet=not a.verbose)
+    init_ray(
+        a.address, quiet=not a.verbose, worker_output=True
+    )  # the fine-tune reports progress from its workers
     r = run(cfg, resume=a.resume, from_stage=a.from_stage, until=a.until)
     print()
     print(f"ran {len(r.ran)} stage(s), skipped {len(r.skipped)} unchanged: "

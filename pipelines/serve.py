@@ -223,8 +223,9 @@ class RankService:
                 titles.append(c.get("title"))
         if self.doc_vectors is None:
             return docids, texts, titles, None
-        known = [i for i, d in enumerate(docids) if d in self.doc_vectors and self.docs[d][0] == texts[i]]
-        new = [i for i in range(len(docids)) if i not in set(known)]
+        is_known = [d in self.doc_vectors and self.docs[d][0] == texts[i] for i, d in enumerate(docids)]
+        known = [i for i, k in enumerate(is_known) if k]
+        new = [i for i, k in enumerate(is_known) if not k]
         dvec = np.zeros((len(docids), self.encoder.dim), np.float32)
         if known:
             dvec[known] = self.doc_vectors.get([docids[i] for i in known])
