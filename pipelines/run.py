@@ -285,13 +285,20 @@ def _run_rank_eval(cfgs):
 
 
 def _run_serve(cfgs):
+    from ray import serve as ray_serve
+
     from pipelines import serve
 
     cfg = cfgs[0]
+    running = _serve_running()
     serve.start(cfg)
     url = f"http://{cfg.host}:{cfg.port}"
     t0 = time.perf_counter()
-    code = serve.check(cfg, url)
+    try:
+        code = serve.check(cfg, url)
+    finally:
+        if not running:  # Serve was started for this check: take it down with its proxy and port
+            ray_serve.shutdown()
     if code:
         raise ConfigError(f"serve check failed at {url}")
     result = {
@@ -304,6 +311,13 @@ def _run_serve(cfgs):
     out.mkdir(parents=True, exist_ok=True)
     (out / "check.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _serve_running() -> bool:
+    """Whether a Serve controller already runs on this cluster (not asking Serve itself: that starts one)."""
+    import ray
+
+    return any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
 
 
 def _run_report(cfgs):

@@ -498,7 +498,27 @@ def start(cfg: ServeConfig):
     from ray import serve
 
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    handle = serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    # serve.start keeps the HTTP options of a Serve instance already running on the cluster: say so rather than
+    # answer on another port than the one asked for
+    probe = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}/-/routes"
+    if not _answers(probe):
+        raise ConfigError(f"port: Serve is already running on this cluster with other HTTP options, and nothing "
+                          f"answers at {probe}; use its port, or `serve shutdown` first")  # fmt: skip
+    return handle
+
+
+def _answers(url: str, tries: int = 20) -> bool:
+    import requests
+
+    for _ in range(tries):
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def check(cfg: ServeConfig, url: str, query: str | None = None) -> int:

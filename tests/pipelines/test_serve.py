@@ -50,6 +50,7 @@ def served(artifacts, tiny_causal_lm):
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
         limits={"max_candidates": 200, "max_text_chars": 2000, "max_body_bytes": 64 * 1024},
     )  # fmt: skip
+    serve.shutdown()  # a Serve left by an earlier test keeps its own port (serve.start ignores new HTTP options)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(S.build_app(cfg, token=TOKEN), name=cfg.name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.port}"
