@@ -240,16 +240,21 @@ class RankService:
             docids = self.retrieve(query, self.first_stage_k)
             texts = [self.docs[d][0] for d in docids]
             titles = [self.docs[d][1] for d in docids]
-            source = self.retriever
+            source, by_id = (
+                self.retriever,
+                docids,
+            )  # indexed documents: BM25 reads the index, no re-tokenizing
             dvec = self.doc_vectors.get(docids) if self.doc_vectors is not None else None
         else:
             docids, texts, titles, dvec = self._candidates(candidates)
-            source = "request"
+            source, by_id = "request", None
         results: list[dict[str, Any]] = []
         if docids:
             from models.features import check_finite
 
-            feats = self.featurize([query] * len(docids), texts, titles=titles, doc_vectors=dvec)
+            feats = self.featurize(
+                [query] * len(docids), texts, docids=by_id, titles=titles, doc_vectors=dvec
+            )
             X = np.column_stack([feats[f] for f in self.ranker.features])
             check_finite(X, self.ranker.features)
             scores = self.ranker.predict(X)
