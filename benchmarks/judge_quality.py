@@ -1,12 +1,17 @@
 """Judge quality on held-out TREC DL 2019 queries: zero-shot base model vs fine-tuned judge vs a MiniLM
-cross-encoder trained on the same labels. One table, agreement with 95% bootstrap intervals over queries.
+cross-encoder trained on the same labels, and each LLM stacked with MiniLM cosine + lexical signals
+(``augrel judge calibrate``) next to the MiniLM cosine alone. One table, agreement with 95% bootstrap intervals
+over queries.
 
 Protocol: DL 2019 queries are split 70/30 (seed 13). The judge fine-tunes on the 70% plus LLMJudge dev (TREC DL
 2023 passages), class-balanced, validating on held-out training queries (configs/judge-dl19.yaml); the
 cross-encoder trains on the very same sampled pairs. Every method is scored on the 30% test queries, twice:
 its argmax label, and labels from cut-points on its expected grade tuned for kappa on the validation pairs
-(../shared/notes/judge-levers.md, lever 1). Ends with
-``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=..`` (cut-point labels).
+(../shared/notes/judge-levers.md, lever 1). The stacked rows fit their combiner on 1,000 pairs of the
+validation queries in their natural grade mix (what `judge finetune` does with ``stack``); the "MiniLM cosine
+alone" row is the same combiner with the cosine as its only signal, so the LLM's own contribution shows.
+Ends with ``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=.. kappa_stacked=.. kappa_cosine=..``
+(cut-point labels for the LLM rows).
 
     python benchmarks/judge_quality.py [--quick] [--judge runs/dl19/judge]
 """
@@ -26,9 +31,12 @@ sys.path.insert(0, str(REPO))
 
 from eval.agreement import agreement, grades_from_cutpoints, tune_cutpoints  # noqa: E402
 from models.cross_encoder import CrossEncoderGrader  # noqa: E402
+from models.encoder import MeanPoolEncoder  # noqa: E402
 from models.judge_card import load_judge  # noqa: E402
+from models.judge_ensemble import GradeCombiner, pair_signals  # noqa: E402
+from pipelines.calibrate_judge import StackSettings, calibration_sample  # noqa: E402
 from pipelines.data import PrepareConfig, SplitConfig, prepare, split  # noqa: E402
-from pipelines.finetune_judge import FinetuneConfig, finetune, sample_train_val  # noqa: E402
+from pipelines.finetune_judge import FinetuneConfig, finetune, sample_train_val, split_pools  # noqa: E402
 from pipelines.io import read_table  # noqa: E402
 from pipelines.stage import load_config  # noqa: E402
 
@@ -82,7 +90,10 @@ def main() -> None:
         judge_dir = cfg.out
     finetune_s = time.perf_counter() - t0
 
-    train, val, _ = sample_train_val(cfg)
+    pools = split_pools(cfg)
+    train, val, _ = sample_train_val(cfg, pools)
+    stack = StackSettings()
+    calib = calibration_sample(pools[1], 240 if args.quick else stack.n_pairs, cfg.seed + 2)
     test = read_table(dl19 / "splits" / "test" / "pairs")
     n_test = args.test_pairs or (240 if args.quick else test.num_rows)
     if n_test < test.num_rows:
@@ -94,7 +105,15 @@ def main() -> None:
 
     vq, vt, vh, _ = cols(val)
     tq, tt, th, tqid = cols(test)
+    cq, ct, ch, _ = cols(calib)
+    encoder = MeanPoolEncoder(dtype=stack.encoder_dtype)
     rows = []
+
+    def stacked(name: str, calib_llm, test_llm, use=tuple(stack.signals)):
+        sig_c = pair_signals(calib_llm, cq, ct, GRADES, encoder, stack.signals)
+        sig_t = pair_signals(test_llm, tq, tt, GRADES, encoder, stack.signals)
+        label, _, score = GradeCombiner.fit(sig_c, ch, GRADES, use=use, c=stack.c).grade(sig_t)
+        rows.append((name, agreement(th, label, score, tqid, GRADES, n_boot=args.bootstrap)))
 
     def report(name: str, val_score, test_label, test_score):
         cuts = tune_cutpoints(val_score, vh, GRADES)
@@ -115,8 +134,11 @@ def main() -> None:
         scorer = j.scorer(batch_size=16)
         v = scorer.score(vq, vt)
         s = scorer.score(tq, tt)
+        c = scorer.score(cq, ct)
         timings[name] = time.perf_counter() - t0
         report(name, v.score, s.label, s.score)
+        stacked(f"{name} stacked", c, s)
+    stacked("MiniLM cosine alone (same combiner)", c, s, use=("dense_cos",))
 
     t0 = time.perf_counter()
     ce = CrossEncoderGrader.from_pretrained(grades=GRADES)
@@ -128,7 +150,8 @@ def main() -> None:
     report("MiniLM cross-encoder", v_score, label, score)
 
     print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
-          f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; fine-tune {finetune_s:.0f}s")  # fmt: skip
+          f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; stack calibration {calib.num_rows} "
+          f"pairs (natural mix) of the val queries; fine-tune {finetune_s:.0f}s")  # fmt: skip
     hdr = f"{'method':<46} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
     print(hdr)
     for name, r in rows:
@@ -136,11 +159,16 @@ def main() -> None:
         print(f"{name:<46} {m['cohen_kappa']:>6.3f} [{ci[0]:>5.3f}, {ci[1]:>5.3f}] "
               f"{m['weighted_kappa_quadratic']:>8.3f} {m['krippendorff_alpha_ordinal']:>6.3f} "
               f"{m['accuracy']:>6.3f} {m['kendall_tau_b_pooled']:>6.3f}")  # fmt: skip
-    print("seconds (load + score val and test): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(
+        "seconds (load + score val, test and calibration pairs): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    )
     k = {name: r.metrics["cohen_kappa"] for name, r in rows}
     print(f"RESULT kappa_finetuned={k['fine-tuned Gemma 3 270M + LoRA (cut-points)']:.3f} "
           f"kappa_zeroshot={k['zero-shot Gemma 3 270M (cut-points)']:.3f} "
-          f"kappa_crossencoder={k['MiniLM cross-encoder (cut-points)']:.3f}")  # fmt: skip
+          f"kappa_crossencoder={k['MiniLM cross-encoder (cut-points)']:.3f} "
+          f"kappa_stacked={k['fine-tuned Gemma 3 270M + LoRA stacked']:.3f} "
+          f"kappa_cosine={k['MiniLM cosine alone (same combiner)']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -113,6 +113,16 @@ def judge_section(run: Path) -> str:
                 ax.set_title("Judge validation during fine-tuning")
 
             out.append(_img(_figure(draw), "judge validation curve"))
+        stack = card.get("metrics", {}).get("stack")
+        if stack:
+            out.append(f"<p>Stacked judge: the LLM's grade probabilities with MiniLM cosine and lexical signals "
+                       f"(<code>{html.escape(str(card.get('combiner')))}</code>), fit on {stack['pairs']:,} pairs of "
+                       f"{stack['queries']} validation queries in their natural grade mix.</p>")  # fmt: skip
+            rows = [[name, m["cohen_kappa"], _ci(m.get("cohen_kappa_ci95")), m["weighted_kappa_quadratic"],
+                     m["kendall_tau_b_pooled"]] for name, m in stack["agreement"].items()]  # fmt: skip
+            out.append(
+                _table(rows, ["on the calibration pairs", "kappa", "95% CI", "weighted kappa", "tau-b"])
+            )
     else:
         out.append(_missing("Judge fine-tuning"))
     m = _json(run / "judge-eval" / "metrics.json")

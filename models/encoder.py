@@ -22,16 +22,27 @@ class MeanPoolEncoder:
         path: model directory or hub id (default: the packaged all-MiniLM-L6-v2).
         max_length: tokens kept per text (MiniLM was trained with 256).
         batch_size: texts per forward pass; texts are sorted by length so little compute goes to padding.
+        dtype: fp32 (default: the features a ranker was trained on keep their dtype), bf16, or auto.
     """
 
     def __init__(
-        self, path: str | None = None, max_length: int = 256, batch_size: int = 64, device: str = "cpu"
+        self,
+        path: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 64,
+        device: str = "cpu",
+        dtype: str = "fp32",
     ):
         from transformers import AutoModel, AutoTokenizer
 
         self.path = path or default_encoder_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path).to(device).eval()
+        from models.loading import resolve_dtype
+
+        # bf16 on hardware that computes it natively (AMX here: ~5x MiniLM's fp32 speed); vectors are fp32 either way
+        self.model = (
+            AutoModel.from_pretrained(self.path, dtype=resolve_dtype(dtype, device)).to(device).eval()
+        )
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.dim = self.model.config.hidden_size
 
@@ -45,7 +56,7 @@ class MeanPoolEncoder:
             idx = order[start : start + self.batch_size]
             enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
-            hidden = self.model(**enc).last_hidden_state
+            hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.judge import DEFAULT_GRADES, LabelTokenScorer
+from models.judge_ensemble import EnsembleScorer, GradeCombiner
 from models.loading import DEFAULT_JUDGE, LoadedLM, load_causal_lm
 from models.prompts import PromptTemplate, get_template
 
@@ -39,10 +40,13 @@ class JudgeCard:
     training: dict[str, Any] = field(default_factory=dict)
     #: cut-points on the expected grade tuned for kappa on validation (None: use the argmax label)
     cutpoints: list[float] | None = None
+    #: the stacked judge's combiner file in this directory (``models.judge_ensemble``), None: the LLM alone
+    combiner: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.base_model}+lora" if self.adapter else self.base_model
+        name = f"{self.base_model}+lora" if self.adapter else self.base_model
+        return name + "+stack" if self.combiner else name
 
     def template(self) -> PromptTemplate:
         return get_template(self.prompt_template).with_limits(self.max_doc_tokens, self.max_query_tokens)
@@ -67,11 +71,26 @@ class LoadedJudge:
     lm: LoadedLM
     card: JudgeCard
     template: PromptTemplate
+    path: Path | None = None  # the judge directory (None: a base model used zero-shot)
 
-    def scorer(self, batch_size: int = 16, **kw: Any) -> LabelTokenScorer:
+    def llm_scorer(self, batch_size: int = 16, **kw: Any) -> LabelTokenScorer:
+        """The LLM alone: grade-token probabilities, argmax label."""
         return LabelTokenScorer(
             self.lm.model, self.lm.tokenizer, self.template, self.card.grades, batch_size, **kw
         )
+
+    def scorer(self, batch_size: int = 16, **kw: Any) -> LabelTokenScorer | EnsembleScorer:
+        """The judge as its card defines it: the LLM, or the LLM stacked with its combiner's signals."""
+        llm = self.llm_scorer(batch_size, **kw)
+        if not self.card.combiner or self.path is None:
+            return llm
+        combiner = GradeCombiner.load(self.path / self.card.combiner)
+        encoder = None
+        if combiner.needs_encoder:
+            from models.encoder import MeanPoolEncoder
+
+            encoder = MeanPoolEncoder(combiner.encoder, dtype=combiner.encoder_dtype, device=self.lm.device)
+        return EnsembleScorer(llm, combiner, encoder)
 
 
 def load_judge(
@@ -92,7 +111,7 @@ def load_judge(
             peft_model = PeftModel.from_pretrained(lm.model, str(Path(judge) / card.adapter))
             lm.model = peft_model.merge_and_unload().eval()
         lm.name = str(judge)
-        return LoadedJudge(lm, card, card.template())
+        return LoadedJudge(lm, card, card.template(), Path(judge))
     tmpl = get_template(template).with_limits(max_doc_tokens=max_doc_tokens)
     lm = load_causal_lm(judge, dtype=dtype, device=device)
     card = JudgeCard(

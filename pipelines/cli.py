@@ -149,13 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample class-balanced training and validation pairs (disjoint by query), fine-tune a LoRA "
         "adapter with cross-entropy over the grade tokens on Ray Train workers inside DeepSpeed (ZeRO-2, or "
         "ZeRO-3 with CPU offload), checkpoint at each evaluation and resume after failures. Writes OUT/adapter, "
-        "OUT/judge_card.json (validation kappa, tuned cut-points) and OUT/config.yaml. "
-        "Example config: configs/judge-dl19.yaml.",
+        "OUT/judge_card.json (validation kappa, tuned cut-points) and OUT/config.yaml; then (unless "
+        "--set stack=null) stacks the judge with MiniLM cosine and lexical signals fit on the validation queries "
+        "(see `judge calibrate`). Example config: configs/judge-dl19.yaml.",
     )
     p.add_argument("--train", action="append", help="labelled pairs table (repeatable)")
     p.add_argument("--val", action="append", help="validation pairs table (default: held-out train queries)")
     p.add_argument("--out", help="output judge directory")
     p.add_argument("--base-model", help="hub id, local path or gemma3-270m (default)")
+    _add_config_args(p)
+    p = jsub.add_parser(
+        "calibrate",
+        formatter_class=_Formatter,
+        help="stack a judge with MiniLM cosine and lexical signals, fit on held-out labelled pairs",
+        description="Draw labelled pairs of queries the judge never trained on (natural grade mix, --set "
+        "stack.n_pairs=N), score them with the judge's LLM, add the MiniLM cosine, query-word overlap and "
+        "passage length, and fit a multinomial logistic regression to the human grades plus cut-points tuned "
+        "for kappa. Writes a judge directory (adapter, judge_card.json naming combiner.json) that predict, "
+        "annotate and serve use as they are; the card reports the stacked judge's agreement on held-out query "
+        "folds next to the LLM alone's.",
+    )
+    p.add_argument("--judge", help="judge directory, or a base model used zero-shot")
+    p.add_argument("--pairs", action="append", help="labelled pairs of held-out queries (repeatable)")
+    p.add_argument("--out", help="output judge directory (may be --judge itself)")
     _add_config_args(p)
     p = jsub.add_parser(
         "predict",
@@ -466,6 +482,19 @@ def _cmd_judge(a: argparse.Namespace) -> int:
         print(r.summary())
         print(f"best checkpoint: step {m.get('step')}, val kappa {m.get('val_kappa', float('nan')):.3f}, "
               f"tau {m.get('val_tau', float('nan')):.3f}; judge in {cfg.out}")  # fmt: skip
+        return 0
+    if a.judge_command == "calibrate":
+        from cluster.embedded import init_ray
+        from pipelines.calibrate_judge import CalibrateConfig, calibrate
+
+        cfg = load_config(CalibrateConfig, a.config, a.overrides, judge=a.judge, pairs=a.pairs, out=a.out)
+        init_ray(a.address)
+        r = calibrate(cfg)
+        print(r.summary())
+        for name, m in r.extra["stack"]["agreement"].items():
+            print(f"  {name:<26} kappa {m['cohen_kappa']:.3f}  weighted kappa {m['weighted_kappa_quadratic']:.3f}  "
+                  f"tau {m['kendall_tau_b_pooled']:.3f}")  # fmt: skip
+        print(f"stacked judge in {cfg.out}")
         return 0
     if a.judge_command == "predict":
         from pipelines.judge import PredictConfig, predict

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines import tables as T
+from pipelines.calibrate_judge import StackSettings, calibration_sample, stack_judge
 from pipelines.data import assign_splits
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
@@ -105,6 +106,11 @@ class FinetuneConfig(StageConfig):
     resume: bool = Field(
         True, description="continue from OUT/ray_train's last checkpoint if a run was cut off"
     )
+    stack: StackSettings | None = Field(
+        default_factory=StackSettings,
+        description="after training, stack the judge with MiniLM cosine and lexical signals, fit on the "
+        "validation queries' pairs in their natural grade mix (see `augrel judge calibrate`); null: the LLM alone",
+    )
 
     @field_validator("train", "val", mode="before")
     @classmethod
@@ -161,8 +167,8 @@ def _labelled(paths: list[str]) -> pa.Table:
     return t
 
 
-def sample_train_val(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """Training and validation pairs, disjoint by query, sampled as configured."""
+def split_pools(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table]:
+    """All labelled training pairs and all validation pairs, disjoint by query."""
     pool = _labelled(cfg.train)
     if cfg.val:
         val_pool = _labelled(cfg.val)
@@ -176,6 +182,14 @@ def sample_train_val(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table, dict[str,
         val_q = pa.array([q for q, s in split.items() if s == "val"], pa.string())
         in_val = pc.is_in(pool.column("qid"), value_set=val_q)
         val_pool, pool = pool.filter(in_val), pool.filter(pc.invert(in_val))
+    return pool, val_pool
+
+
+def sample_train_val(
+    cfg: FinetuneConfig, pools: tuple[pa.Table, pa.Table] | None = None
+) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Training and validation pairs, disjoint by query, sampled as configured."""
+    pool, val_pool = pools or split_pools(cfg)
     if cfg.sampling == "balanced":
         train = class_balanced_sample(pool, cfg.n_train, cfg.grades, cfg.seed)
         val = class_balanced_sample(val_pool, cfg.n_val, cfg.grades, cfg.seed + 1)
@@ -387,7 +401,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     out = Path(cfg.out).resolve()
     init_ray()
     with Timer() as timer:
-        train, val, data_summary = sample_train_val(cfg)
+        pools = split_pools(cfg)
+        train, val, data_summary = sample_train_val(cfg, pools)
         if train.num_rows < cfg.batch_size:
             raise ConfigError(
                 f"batch_size: {cfg.batch_size} is more than the {train.num_rows} training pairs"
@@ -443,6 +458,16 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                       "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "history": history},
         )  # fmt: skip
         card.save(out)
+        if cfg.stack is not None:
+            stack = cfg.stack
+            if cfg.use_gpu and not stack.num_gpus:
+                stack = stack.model_copy(update={"num_gpus": 1})
+            calib = calibration_sample(pools[1], stack.n_pairs, cfg.seed + 2)
+            print(
+                f"stacking the judge: scoring {calib.num_rows} validation-query pairs (natural grade mix)",
+                flush=True,
+            )
+            metrics["stack"] = stack_judge(str(out), out, calib, stack, dtype=cfg.dtype)
     return write_stage_files(
         out, "judge.finetune", cfg, {"train_pairs": train.num_rows, "val_pairs": val.num_rows},
         cfg.train + (cfg.val or []), timer.seconds, {"metrics": metrics, "cutpoints": cut, "storage": str(storage)},

@@ -4,7 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from models.judge import LabelTokenScorer
 from models.judge_card import JudgeCard, load_judge
+from models.judge_ensemble import EnsembleScorer
+from pipelines.calibrate_judge import StackSettings
 from pipelines.errors import ConfigError
 from pipelines.finetune_judge import FinetuneConfig, class_balanced_sample, finetune, sample_train_val
 from pipelines.stage import load_config
@@ -54,7 +57,8 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
     out = tmp_path / "judge"
     cfg = FinetuneConfig(base_model=str(tiny_causal_lm), train=[str(synth_dataset / "pairs")], out=str(out),
                          n_train=16, n_val=8, batch_size=4, max_steps=2, eval_every=1, num_workers=2,
-                         dtype="fp32", lr=1e-2, resume=False, deepspeed=zero)  # fmt: skip
+                         dtype="fp32", lr=1e-2, resume=False, deepspeed=zero,
+                         stack=StackSettings(n_pairs=40, batch_size=8) if zero == "zero2" else None)  # fmt: skip
     r = finetune(cfg)
     card = JudgeCard.load(out)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -71,10 +75,15 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
             val_scores = json.loads((d / "val_scores.json").read_text())
     assert val_scores is not None
     judge = load_judge(str(out), dtype="fp32", device="cpu")
+    if zero == "zero2":  # stacked on the validation queries' pairs after training
+        assert card.combiner == "combiner.json" and card.metrics["stack"]["pairs"] == 40
+        assert isinstance(judge.scorer(batch_size=4), EnsembleScorer)
+    else:
+        assert card.combiner is None and isinstance(judge.scorer(batch_size=4), LabelTokenScorer)
     _, val, _ = sample_train_val(cfg)
     rows = {(q, h): None for q, h in zip(val_scores["qid"], val_scores["human"], strict=True)}
     assert len(rows) >= 1
-    scores = judge.scorer(batch_size=4).score(val.column("query").to_pylist(), val.column("text").to_pylist(),
+    scores = judge.llm_scorer(batch_size=4).score(val.column("query").to_pylist(), val.column("text").to_pylist(),
                                               val.column("title").to_pylist(), val.column("url").to_pylist())  # fmt: skip
     np.testing.assert_allclose(sorted(scores.score), sorted(val_scores["score"]), atol=1e-4)
     # and the fine-tuned judge differs from the base model (the adapter did something)

@@ -1,0 +1,179 @@
+"""``augrel judge calibrate``: stack a judge with cheap relevance signals, fit on held-out labelled pairs.
+
+Takes a judge (a fine-tuned directory, or a base model zero-shot) and labelled pairs of queries the judge never
+trained on, draws ``n_pairs`` of them with their natural grade mix, scores them with the LLM, adds the MiniLM
+cosine and lexical signals, and fits the ``GradeCombiner`` of ``models.judge_ensemble`` (multinomial logistic
+regression + kappa cut-points). Writes a judge directory whose card names ``combiner.json``: predict, annotate
+and serve then grade with the stacked judge. ``augrel judge finetune`` runs this on its validation queries
+at the end (``stack.enabled``).
+
+The scoring runs as one Ray task with the resources asked for (a GPU with ``num_gpus: 1``), so a cluster's
+driver pod never loads a 9B model on its CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.judge_ensemble import SIGNALS
+from pipelines.errors import DataError
+from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
+
+log = logging.getLogger("augrel")
+
+
+class StackSettings(BaseModel):
+    """How the combiner is fit (shared by ``judge calibrate`` and ``judge finetune``'s ``stack`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_pairs: int = Field(1000, gt=0, description="calibration pairs, drawn with their natural grade mix")
+    signals: list[str] = Field(default_factory=lambda: list(SIGNALS), description=f"of {', '.join(SIGNALS)}")
+    c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
+    encoder: str | None = Field(None, description="dense encoder for dense_cos (default: packaged MiniLM)")
+    encoder_dtype: str = Field("auto", pattern="^(auto|bf16|fp32)$")
+    folds: int = Field(5, ge=2, description="query folds for the cross-validated estimate")
+    batch_size: int = Field(16, gt=0)
+    num_cpus: float = Field(1, gt=0, description="CPUs of the scoring task")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the scoring task (1 on a GPU cluster)")
+
+    @field_validator("signals")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SIGNALS]
+        if bad:
+            raise ValueError(f"unknown signal(s) {bad}; known: {', '.join(SIGNALS)}")
+        if not v:
+            raise ValueError("at least one signal")
+        return v
+
+
+class CalibrateConfig(StageConfig):
+    """``augrel judge calibrate``: which judge, which held-out labelled pairs, where the stacked judge goes."""
+
+    judge: str = Field(description="judge directory (from finetune) or a base model, used zero-shot")
+    pairs: list[str] = Field(description="labelled pairs of queries the judge did not train on")
+    out: str = Field(description="output judge directory (may be the judge directory itself)")
+    template: str = Field("umbrela-v1", description="prompt template for a base model")
+    max_doc_tokens: int = Field(256, gt=0, description="passage truncation for a base model")
+    dtype: str = Field("auto", pattern="^(auto|bf16|fp32)$")
+    seed: int = 13
+    stack: StackSettings = StackSettings()
+
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+def calibration_sample(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """``n`` labelled rows in their natural grade mix (all of them when fewer), deterministic for the seed."""
+    table = table.filter(pc.is_valid(table.column("label")))
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.permutation(table.num_rows)[: min(n, table.num_rows)])
+    return table.take(pa.array(idx))
+
+
+def fit_stack(
+    judge: str,
+    pairs: dict[str, list],
+    stack: dict[str, Any],
+    *,
+    template: str = "umbrela-v1",
+    max_doc_tokens: int = 256,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Score ``pairs`` (columns qid, query, text, title, url, label) with ``judge``'s LLM, fit the combiner.
+
+    Returns the combiner as a dict and its cross-validated agreement; runs wherever it is called (a Ray task
+    in ``calibrate``)."""
+    from dataclasses import asdict
+
+    from eval.agreement import agreement
+    from models.judge_card import load_judge
+    from models.judge_ensemble import GradeCombiner, cross_validated_grades, pair_signals
+
+    s = StackSettings.model_validate(stack)
+    j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype)
+    grades = list(j.card.grades)
+    llm = j.llm_scorer(s.batch_size).score(pairs["query"], pairs["text"], pairs["title"], pairs["url"])
+    encoder = None
+    if "dense_cos" in s.signals:
+        from models.encoder import MeanPoolEncoder
+
+        encoder = MeanPoolEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
+    sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
+    human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
+    combiner = GradeCombiner.fit(sig, human, grades, use=s.signals, c=s.c, encoder=s.encoder,
+                                 encoder_dtype=s.encoder_dtype)  # fmt: skip
+    rows = {}
+    if len(set(qids.tolist())) >= 2:
+        cv_label, cv_score = cross_validated_grades(sig, human, qids, grades, s.signals, s.c, s.folds)
+        rows["stacked (query-fold CV)"] = agreement(human, cv_label, cv_score, qids, grades, n_boot=200)
+    rows["LLM alone (argmax)"] = agreement(human, llm.label, llm.score, qids, grades, n_boot=200)
+    report = {
+        name: {k: r.metrics[k] for k in ("cohen_kappa", "weighted_kappa_quadratic", "kendall_tau_b_pooled")}
+        | {"cohen_kappa_ci95": r.ci95.get("cohen_kappa")}
+        for name, r in rows.items()
+    }
+    combiner.fit_report = {"pairs": len(human), "queries": len(set(qids.tolist())), "agreement": report,
+                           "grades": {str(g): int((human == g).sum()) for g in grades}}  # fmt: skip
+    return asdict(combiner)
+
+
+def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **kw: Any) -> dict[str, Any]:
+    """Fit the combiner in a Ray task and write the stacked judge into ``out`` (a copy of ``judge``'s directory,
+    or a new card for a base model). Returns the combiner's fit report."""
+    import ray
+
+    from models.judge_card import JudgeCard, is_judge_dir
+    from models.judge_ensemble import COMBINER_FILE, GradeCombiner
+    from models.prompts import get_template
+
+    cols = {c: table.column(c).to_pylist() for c in ("qid", "query", "text", "title", "url", "label")}
+    task = ray.remote(num_cpus=stack.num_cpus, num_gpus=stack.num_gpus)(fit_stack)
+    combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), **kw)))
+    out.mkdir(parents=True, exist_ok=True)
+    if is_judge_dir(judge):
+        card = JudgeCard.load(judge)
+        src = Path(judge)
+        if src.resolve() != out.resolve() and card.adapter:
+            if (out / card.adapter).exists():
+                shutil.rmtree(out / card.adapter)
+            shutil.copytree(src / card.adapter, out / card.adapter)
+    else:
+        tmpl = get_template(kw.get("template", "umbrela-v1")).with_limits(kw.get("max_doc_tokens", 256))
+        card = JudgeCard(base_model=judge, prompt_template=tmpl.name, prompt_version=tmpl.version, adapter=None,
+                         max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens)  # fmt: skip
+    combiner.save(out)
+    card.combiner = COMBINER_FILE
+    card.metrics = {**card.metrics, "stack": combiner.fit_report}
+    card.save(out)
+    return combiner.fit_report
+
+
+def calibrate(cfg: CalibrateConfig) -> StageResult:
+    from cluster.embedded import init_ray
+    from pipelines.finetune_judge import _labelled
+
+    init_ray()
+    out = Path(cfg.out)
+    with Timer() as timer:
+        pool = _labelled(cfg.pairs)
+        table = calibration_sample(pool, cfg.stack.n_pairs, cfg.seed)
+        if len(set(table.column("label").to_pylist())) < 2:
+            raise DataError(f"{cfg.pairs}: calibration pairs need at least two different grades")
+        report = stack_judge(cfg.judge, out, table, cfg.stack, template=cfg.template,
+                             max_doc_tokens=cfg.max_doc_tokens, dtype=cfg.dtype)  # fmt: skip
+    return write_stage_files(
+        out, "judge.calibrate", cfg, {"calibration_pairs": table.num_rows}, cfg.pairs, timer.seconds,
+        {"stack": report},
+    )  # fmt: skip
