@@ -19,7 +19,10 @@ Ends with ``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=.. ka
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ from eval.agreement import agreement, grades_from_cutpoints, tune_cutpoints  # n
 from models.cross_encoder import CrossEncoderGrader  # noqa: E402
 from models.encoder import MeanPoolEncoder  # noqa: E402
 from models.judge_card import load_judge  # noqa: E402
-from models.judge_ensemble import GradeCombiner, pair_signals  # noqa: E402
+from models.judge_ensemble import GradeCombiner, fit_stacked, pair_signals  # noqa: E402
 from pipelines.calibrate_judge import StackSettings, calibration_sample  # noqa: E402
 from pipelines.data import PrepareConfig, SplitConfig, prepare, split  # noqa: E402
 from pipelines.finetune_judge import FinetuneConfig, finetune, sample_train_val, split_pools  # noqa: E402
@@ -105,15 +108,27 @@ def main() -> None:
 
     vq, vt, vh, _ = cols(val)
     tq, tt, th, tqid = cols(test)
-    cq, ct, ch, _ = cols(calib)
+    cq, ct, ch, cqid = cols(calib)
     encoder = MeanPoolEncoder(dtype=stack.encoder_dtype)
     rows = []
 
     def stacked(name: str, calib_llm, test_llm, use=tuple(stack.signals)):
         sig_c = pair_signals(calib_llm, cq, ct, GRADES, encoder, stack.signals)
         sig_t = pair_signals(test_llm, tq, tt, GRADES, encoder, stack.signals)
-        label, _, score = GradeCombiner.fit(sig_c, ch, GRADES, use=use, c=stack.c).grade(sig_t)
-        rows.append((name, agreement(th, label, score, tqid, GRADES, n_boot=args.bootstrap)))
+        comb, _ = fit_stacked(sig_c, ch, cqid, GRADES, use, stack.c, stack.folds, stack.select)
+        label, _, score = comb.grade(sig_t)
+        rows.append(
+            (
+                f"{name} [{'+'.join(comb.signals)}]",
+                agreement(th, label, score, tqid, GRADES, n_boot=args.bootstrap),
+            )
+        )
+        if len(use) > 1:  # the same stack with every signal, no selection
+            comb = GradeCombiner.fit(sig_c, ch, GRADES, use=use, c=stack.c)
+            label, _, score = comb.grade(sig_t)
+            rows.append(
+                (f"{name}, all signals", agreement(th, label, score, tqid, GRADES, n_boot=args.bootstrap))
+            )
 
     def report(name: str, val_score, test_label, test_score):
         cuts = tune_cutpoints(val_score, vh, GRADES)
@@ -124,17 +139,28 @@ def main() -> None:
             r = agreement(th, labels, test_score, tqid, GRADES, n_boot=args.bootstrap)
             rows.append((f"{name} ({variant})", r))
 
+    def llm_scores(judge: str, sets):
+        """The LLM's scores on each (queries, texts) set, cached under --work by judge and pairs (a rerun that
+        changes only the stacking or the table skips the slow part)."""
+        card = Path(judge) / "judge_card.json"
+        key = hashlib.sha256(json.dumps([judge, card.stat().st_mtime if card.exists() else None, cfg.template,
+                                         cfg.max_doc_tokens, sets]).encode()).hexdigest()[:16]  # fmt: skip
+        cache = work / "scores" / f"{key}.pkl"
+        if cache.exists():
+            return pickle.loads(cache.read_bytes())
+        scorer = load_judge(judge, template=cfg.template, max_doc_tokens=cfg.max_doc_tokens).llm_scorer(16)
+        out = [scorer.score(q, t) for q, t in sets]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(out))
+        return out
+
     timings = {}
     for name, judge in (
         ("zero-shot Gemma 3 270M", cfg.base_model),
         ("fine-tuned Gemma 3 270M + LoRA", judge_dir),
     ):
         t0 = time.perf_counter()
-        j = load_judge(judge, template=cfg.template, max_doc_tokens=cfg.max_doc_tokens)
-        scorer = j.scorer(batch_size=16)
-        v = scorer.score(vq, vt)
-        s = scorer.score(tq, tt)
-        c = scorer.score(cq, ct)
+        v, s, c = llm_scores(judge, [(vq, vt), (tq, tt), (cq, ct)])
         timings[name] = time.perf_counter() - t0
         report(name, v.score, s.label, s.score)
         stacked(f"{name} stacked", c, s)
@@ -152,11 +178,11 @@ def main() -> None:
     print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
           f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; stack calibration {calib.num_rows} "
           f"pairs (natural mix) of the val queries; fine-tune {finetune_s:.0f}s")  # fmt: skip
-    hdr = f"{'method':<46} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
+    hdr = f"{'method':<64} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
     print(hdr)
     for name, r in rows:
         m, ci = r.metrics, r.ci95.get("cohen_kappa", [float("nan")] * 2)
-        print(f"{name:<46} {m['cohen_kappa']:>6.3f} [{ci[0]:>5.3f}, {ci[1]:>5.3f}] "
+        print(f"{name:<64} {m['cohen_kappa']:>6.3f} [{ci[0]:>5.3f}, {ci[1]:>5.3f}] "
               f"{m['weighted_kappa_quadratic']:>8.3f} {m['krippendorff_alpha_ordinal']:>6.3f} "
               f"{m['accuracy']:>6.3f} {m['kendall_tau_b_pooled']:>6.3f}")  # fmt: skip
     print(
@@ -164,11 +190,12 @@ def main() -> None:
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
     )
     k = {name: r.metrics["cohen_kappa"] for name, r in rows}
+    stacked_row = next(n for n in k if n.startswith("fine-tuned Gemma 3 270M + LoRA stacked ["))
+    cosine_row = next(n for n in k if n.startswith("MiniLM cosine alone"))
     print(f"RESULT kappa_finetuned={k['fine-tuned Gemma 3 270M + LoRA (cut-points)']:.3f} "
           f"kappa_zeroshot={k['zero-shot Gemma 3 270M (cut-points)']:.3f} "
           f"kappa_crossencoder={k['MiniLM cross-encoder (cut-points)']:.3f} "
-          f"kappa_stacked={k['fine-tuned Gemma 3 270M + LoRA stacked']:.3f} "
-          f"kappa_cosine={k['MiniLM cosine alone (same combiner)']:.3f}")  # fmt: skip
+          f"kappa_stacked={k[stacked_row]:.3f} kappa_cosine={k[cosine_row]:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

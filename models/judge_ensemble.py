@@ -233,3 +233,71 @@ def cross_validated_grades(
         held = {n: v[~train] for n, v in signals.items()}
         label[~train], _, score[~train] = comb.grade(held)
     return label, score
+
+
+def cv_kappa(signals, human, qids, grades, use, c: float = 1.0, k: int = 5) -> float:
+    from eval.agreement import _kappa
+
+    label, _ = cross_validated_grades(signals, human, qids, grades, use, c, k)
+    return _kappa(np.asarray(human), label, grades)
+
+
+def select_signals(
+    signals: dict[str, np.ndarray],
+    human: np.ndarray,
+    qids: Sequence[str],
+    grades: Sequence[int],
+    candidates: Sequence[str] = SIGNALS,
+    c: float = 1.0,
+    k: int = 5,
+    min_gain: float = 0.005,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Greedy forward selection of signal groups by query-fold cross-validated kappa on the calibration pairs.
+
+    Adds, one at a time, the group that raises the held-out kappa most, and stops when none raises it by
+    ``min_gain``: a signal that only fits the calibration queries (seen with passage length and, for a 270M
+    LLM, with the LLM itself on TREC DL) stays out. Returns the chosen groups and the path taken."""
+    chosen: list[str] = []
+    best = -1.0
+    path: list[dict[str, Any]] = []
+    while True:
+        trials = {
+            s: cv_kappa(signals, human, qids, grades, [*chosen, s], c, k)
+            for s in candidates
+            if s not in chosen
+        }
+        trials = {s: v for s, v in trials.items() if not np.isnan(v)}
+        if not trials:
+            break
+        s, v = max(trials.items(), key=lambda kv: kv[1])
+        if chosen and v < best + min_gain:
+            break
+        chosen.append(s)
+        best = v
+        path.append(
+            {
+                "added": s,
+                "cv_kappa": round(float(v), 4),
+                "tried": {n: round(float(x), 4) for n, x in trials.items()},
+            }
+        )
+    return chosen, path
+
+
+def fit_stacked(
+    signals: dict[str, np.ndarray],
+    human: np.ndarray,
+    qids: Sequence[str],
+    grades: Sequence[int],
+    candidates: Sequence[str] = SIGNALS,
+    c: float = 1.0,
+    folds: int = 5,
+    select: bool = True,
+    **combiner_kw: Any,
+) -> tuple[GradeCombiner, list[dict[str, Any]]]:
+    """The combiner ``judge calibrate`` fits: signal groups chosen by ``select_signals`` (when ``select`` and
+    the calibration pairs span two or more queries), then ``GradeCombiner.fit`` on all the pairs."""
+    use, path = list(candidates), []
+    if select and len(set(qids)) >= 2 and len(use) > 1:
+        use, path = select_signals(signals, human, qids, grades, candidates, c, folds)
+    return GradeCombiner.fit(signals, human, grades, use=use, c=c, **combiner_kw), path

@@ -40,7 +40,12 @@ class StackSettings(BaseModel):
     c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
     encoder: str | None = Field(None, description="dense encoder for dense_cos (default: packaged MiniLM)")
     encoder_dtype: str = Field("auto", pattern="^(auto|bf16|fp32)$")
-    folds: int = Field(5, ge=2, description="query folds for the cross-validated estimate")
+    select: bool = Field(
+        True,
+        description="keep only the signals that raise the query-fold cross-validated kappa (greedy forward "
+        "selection); false: use every signal listed",
+    )
+    folds: int = Field(5, ge=2, description="query folds for selection and the cross-validated estimate")
     batch_size: int = Field(16, gt=0)
     num_cpus: float = Field(1, gt=0, description="CPUs of the scoring task")
     num_gpus: float = Field(0, ge=0, description="GPUs of the scoring task (1 on a GPU cluster)")
@@ -99,7 +104,7 @@ def fit_stack(
 
     from eval.agreement import agreement
     from models.judge_card import load_judge
-    from models.judge_ensemble import GradeCombiner, cross_validated_grades, pair_signals
+    from models.judge_ensemble import cross_validated_grades, fit_stacked, pair_signals
 
     s = StackSettings.model_validate(stack)
     j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype)
@@ -112,11 +117,15 @@ def fit_stack(
         encoder = MeanPoolEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
     sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
     human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
-    combiner = GradeCombiner.fit(sig, human, grades, use=s.signals, c=s.c, encoder=s.encoder,
+    combiner, path = fit_stacked(sig, human, qids, grades, s.signals, s.c, s.folds, s.select, encoder=s.encoder,
                                  encoder_dtype=s.encoder_dtype)  # fmt: skip
+    use = combiner.signals
+    if not set(use) & {"llm_logp", "llm_score"}:
+        log.warning("the LLM's signals did not raise the held-out kappa on the calibration pairs: the stacked "
+                    "judge grades from %s alone (the LLM still runs; a stronger base model is the lever)", use)  # fmt: skip
     rows = {}
     if len(set(qids.tolist())) >= 2:
-        cv_label, cv_score = cross_validated_grades(sig, human, qids, grades, s.signals, s.c, s.folds)
+        cv_label, cv_score = cross_validated_grades(sig, human, qids, grades, use, s.c, s.folds)
         rows["stacked (query-fold CV)"] = agreement(human, cv_label, cv_score, qids, grades, n_boot=200)
     rows["LLM alone (argmax)"] = agreement(human, llm.label, llm.score, qids, grades, n_boot=200)
     report = {
@@ -125,7 +134,8 @@ def fit_stack(
         for name, r in rows.items()
     }
     combiner.fit_report = {"pairs": len(human), "queries": len(set(qids.tolist())), "agreement": report,
-                           "grades": {str(g): int((human == g).sum()) for g in grades}}  # fmt: skip
+                           "grades": {str(g): int((human == g).sum()) for g in grades},
+                           "signals": use, "selection": path}  # fmt: skip
     return asdict(combiner)
 
 

@@ -494,7 +494,7 @@ def _cmd_judge(a: argparse.Namespace) -> int:
         for name, m in r.extra["stack"]["agreement"].items():
             print(f"  {name:<26} kappa {m['cohen_kappa']:.3f}  weighted kappa {m['weighted_kappa_quadratic']:.3f}  "
                   f"tau {m['kendall_tau_b_pooled']:.3f}")  # fmt: skip
-        print(f"stacked judge in {cfg.out}")
+        print(f"signals: {', '.join(r.extra['stack']['signals'])}; stacked judge in {cfg.out}")
         return 0
     if a.judge_command == "predict":
         from pipelines.judge import PredictConfig, predict

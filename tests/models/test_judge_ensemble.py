@@ -9,6 +9,7 @@ from models.judge_ensemble import (
     cross_validated_grades,
     pair_signals,
     query_folds,
+    select_signals,
     signal_names,
 )
 from models.loading import load_causal_lm
@@ -44,6 +45,15 @@ def test_combiner_learns_the_informative_signal_and_beats_the_llm_alone():
     # on fresh pairs too (held-out query folds), not only the pairs it was fit on
     cv_label, cv_score = cross_validated_grades(sig, human, qid, GRADES, ["llm_logp", "dense_cos"], k=4)
     assert agreement(human, cv_label, cv_score, qid, GRADES, n_boot=0).metrics["cohen_kappa"] > 0.8
+
+
+def test_forward_selection_keeps_the_informative_signal_and_leaves_out_noise():
+    sig, human, _ = _signals(600, seed=3)
+    qid = np.array([f"q{i % 15}" for i in range(600)])
+    chosen, path = select_signals(sig, human, qid, GRADES)
+    assert chosen[0] == "dense_cos" and "llm_logp" not in chosen
+    assert path[0]["added"] == "dense_cos" and path[0]["cv_kappa"] > 0.8
+    assert set(path[0]["tried"]) == {"llm_logp", "llm_score", "dense_cos", "overlap", "doc_len"}
 
 
 def test_combiner_save_load_roundtrip_and_version(tmp_path):
