@@ -19,6 +19,7 @@ grades about 340 pairs. Last line:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -60,7 +61,10 @@ def main() -> None:
     ap.add_argument("--judgments", help="use these judge labels instead of annotating")
     a = ap.parse_args()
 
+    from dataclasses import asdict
+
     from cluster.embedded import init_ray
+    from models.judge_card import JudgeCard, is_judge_dir
     from pipelines.annotate import AnnotateConfig
     from pipelines.annotate import run as annotate
     from pipelines.data import PrepareConfig, prepare
@@ -79,7 +83,11 @@ def main() -> None:
                         else "gemma3-270m")  # fmt: skip
     judgments = a.judgments
     if not judgments:
-        judgments = str(WORK / f"judgments-{tag}")
+        # named by the judge too: judgments of another judge are never reused
+        judge_key = hashlib.sha256(
+            str(Path(judge).resolve() if Path(judge).exists() else judge).encode()
+        ).hexdigest()[:8]
+        judgments = str(WORK / f"judgments-{tag}-{judge_key}")
         done = (
             json.loads((Path(judgments) / "manifest.json").read_text())
             if (Path(judgments) / "manifest.json").exists()
@@ -90,6 +98,7 @@ def main() -> None:
             and done.get("complete")
             and done["judge_card"].get("base_model")
             and done["inputs"] == [str(pairs)]
+            and (not is_judge_dir(judge) or done["judge_card"] == asdict(JudgeCard.load(judge)))
         ):
             annotate(
                 AnnotateConfig(judge=judge, pairs=str(pairs), out=judgments, overwrite=True, unit_rows=128)

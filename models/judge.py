@@ -200,6 +200,9 @@ class LabelTokenScorer:
         max_batch_tokens: optional cap on batch_size x longest sequence (memory bound for long passages).
         prefix_cache: reuse the shared instruction prefix's KV cache across pairs (identical results,
             less compute); falls back to the plain path for models whose cache cannot be reused.
+        compile: run the decoder through ``torch.compile(dynamic=True)``: fuses the elementwise work (norms,
+            GELU gating, rotary, dtype casts: about 45% of a bf16 CPU profile) at the cost of a one-off
+            compilation (about two minutes on 2 cores); worth it for long annotation jobs, not for a few pairs.
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class LabelTokenScorer:
         batch_size: int = 16,
         max_batch_tokens: int | None = None,
         prefix_cache: bool = True,
+        compile: bool = False,
     ):
         self.model = model
         self.encoder = PairEncoder(tokenizer, template, grades)
@@ -222,6 +226,8 @@ class LabelTokenScorer:
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.device = next(model.parameters()).device
         self.head = GradeHead(model, self.encoder.grade_ids)
+        if compile:
+            self.head.decoder = torch.compile(self.head.decoder, dynamic=True)
         self._cache = None
 
     @property

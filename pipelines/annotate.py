@@ -82,6 +82,10 @@ class AnnotateConfig(StageConfig):
     )
     max_doc_tokens: int = Field(256, gt=0, description="passage truncation for a base model")
     dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
+    compile: bool = Field(
+        False,
+        description="torch.compile each actor's decoder (faster scoring after a one-off compile of minutes)",
+    )
     limit_units: int | None = Field(
         None, gt=0, description="run at most N pending units, then stop (a partial run; --resume finishes it)"
     )
@@ -150,7 +154,8 @@ def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[st
 
 
 def judge_fingerprint(judge: str) -> dict[str, Any]:
-    """What identifies a judge: its card (base model, prompt version, grades) and its adapter's bytes."""
+    """What identifies a judge: its card (base model, prompt version, grades), its adapter's and its stack
+    combiner's bytes (a judge re-calibrated in place grades differently)."""
     from models.judge_card import CARD, is_judge_dir
 
     if not is_judge_dir(judge):
@@ -160,8 +165,10 @@ def judge_fingerprint(judge: str) -> dict[str, Any]:
     adapter = Path(judge) / (card.get("adapter") or "adapter")
     for f in sorted(adapter.glob("*.safetensors")) if adapter.exists() else []:
         digest.update(f.read_bytes())
+    combiner = Path(judge) / card["combiner"] if card.get("combiner") else None
     return {"judge": str(Path(judge).resolve()), "base_model": card["base_model"],
-            "prompt_version": card["prompt_version"], "adapter_sha256": digest.hexdigest()[:16]}  # fmt: skip
+            "prompt_version": card["prompt_version"], "adapter_sha256": digest.hexdigest()[:16],
+            "combiner_sha256": hashlib.sha256(combiner.read_bytes()).hexdigest()[:16] if combiner else None}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- read
@@ -288,7 +295,8 @@ class JudgeActor:
     """
 
     def __init__(self, judge: str, template: str, max_doc_tokens: int, dtype: str, batch_size: int,
-                 threads: int, max_batch_tokens: int | None = None, device: str = "auto"):  # fmt: skip
+                 threads: int, max_batch_tokens: int | None = None, device: str = "auto",
+                 compile: bool = False):  # fmt: skip
         import torch
 
         from models.judge_card import load_judge
@@ -297,7 +305,7 @@ class JudgeActor:
         self.judge = load_judge(
             judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device
         )
-        self.scorer = self.judge.scorer(batch_size, max_batch_tokens=max_batch_tokens)
+        self.scorer = self.judge.scorer(batch_size, max_batch_tokens=max_batch_tokens, compile=compile)
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -485,6 +493,7 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
             "batch_size": res.batch_size,
             "threads": res.threads,
             "max_batch_tokens": res.max_batch_tokens,
+            "compile": cfg.compile,
         },
         # Ray Data restarts a dead actor and retries its task without limit (a preempted node must not fail a
         # day-long job); an actor whose constructor keeps failing (a bad judge path) fails the job after

@@ -95,3 +95,9 @@ def test_gemma_default_loads_offline_and_scores():
     plain = s.score(QUERIES, TEXTS, use_prefix_cache=False)
     np.testing.assert_allclose(cached.probs.sum(axis=1), 1.0, atol=1e-4)
     assert np.abs(cached.probs - plain.probs).max() < 0.05  # bf16 rounding only
+
+
+def test_compiled_decoder_scores_like_eager(tiny):
+    eager = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=2).score(QUERIES, TEXTS)
+    compiled = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=2, compile=True)
+    np.testing.assert_allclose(compiled.score(QUERIES, TEXTS).probs, eager.probs, atol=1e-4)
