@@ -115,9 +115,16 @@ def judge_section(run: Path) -> str:
             out.append(_img(_figure(draw), "judge validation curve"))
         stack = card.get("metrics", {}).get("stack")
         if stack:
-            out.append(f"<p>Stacked judge: the LLM's grade probabilities with MiniLM cosine and lexical signals "
-                       f"(<code>{html.escape(str(card.get('combiner')))}</code>), fit on {stack['pairs']:,} pairs of "
-                       f"{stack['queries']} validation queries in their natural grade mix.</p>")  # fmt: skip
+            kept = stack.get("signals") or []
+            llm_note = (
+                ""
+                if {"llm_logp", "llm_score"} & set(kept)
+                else " (the LLM's signals did not raise the held-out kappa and were left out)"
+            )
+            out.append(f"<p>Stacked judge (<code>{html.escape(str(card.get('combiner')))}</code>): a logistic regression "
+                       f"over the signals kept by forward selection, <code>{html.escape(', '.join(kept))}</code>{llm_note}, "
+                       f"fit on {stack['pairs']:,} pairs of {stack['queries']} validation queries in their natural "
+                       f"grade mix.</p>")  # fmt: skip
             rows = [[name, m["cohen_kappa"], _ci(m.get("cohen_kappa_ci95")), m["weighted_kappa_quadratic"],
                      m["kendall_tau_b_pooled"]] for name, m in stack["agreement"].items()]  # fmt: skip
             out.append(

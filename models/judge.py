@@ -290,6 +290,14 @@ class LabelTokenScorer:
             n_tokens=np.array([prefix_len + x for x in lengths], dtype=np.int32),
         )
 
+    def encoded_without_scores(self, encoded: Sequence[EncodedPair]) -> Scores:
+        """``Scores`` with the prompt facts (truncation, token counts) and no forward pass: zero probabilities,
+        for a caller that grades from other signals (a stacked judge whose selection left the LLM out)."""
+        n, g, prefix_len = len(encoded), len(self.grades), len(self.encoder.prefix_ids)
+        return Scores(np.zeros(n, np.int8), np.zeros((n, g), np.float32), np.zeros(n, np.float32),
+                      np.array([e.truncated for e in encoded], dtype=bool),
+                      np.array([prefix_len + len(e.ids) for e in encoded], dtype=np.int32))  # fmt: skip
+
     def score(self, queries, texts, titles=None, urls=None, use_prefix_cache: bool | None = None) -> Scores:
         """Score pairs given as parallel sequences of strings (titles / urls may be None)."""
         if len(queries) != len(texts):

@@ -110,6 +110,10 @@ class GradeCombiner:
     def needs_encoder(self) -> bool:
         return "dense_cos" in self.features
 
+    @property
+    def uses_llm(self) -> bool:
+        return bool(set(self.signals) & set(LLM_ONLY))
+
     @classmethod
     def fit(
         cls,
@@ -185,7 +189,7 @@ class GradeCombiner:
 class EnsembleScorer:
     """A ``LabelTokenScorer`` whose output goes through a ``GradeCombiner``: same ``score`` signature and
     ``Scores`` result (``probs`` are the combiner's, ``label`` its cut-point grade, ``score`` its expectation),
-    so every caller of the plain scorer can take it."""
+    so every caller of the plain scorer can take it. When the combiner uses no LLM signal the LLM is not run."""
 
     def __init__(self, llm: LabelTokenScorer, combiner: GradeCombiner, encoder: Any | None = None):
         if combiner.needs_encoder and encoder is None:
@@ -198,7 +202,12 @@ class EnsembleScorer:
         return f"{self.llm.prompt_version}+{self.combiner.version}"
 
     def score(self, queries, texts, titles=None, urls=None, use_prefix_cache: bool | None = None) -> Scores:
-        s = self.llm.score(queries, texts, titles, urls, use_prefix_cache)
+        if self.combiner.uses_llm or not len(queries):
+            s = self.llm.score(queries, texts, titles, urls, use_prefix_cache)
+        else:
+            # Selection left the LLM out: its forward pass (nearly all the cost) is skipped; the prompt is still
+            # encoded so truncation and token counts are reported as for any judge.
+            s = self.llm.encoded_without_scores(self.llm.encoder.encode_many(queries, texts, titles, urls))
         if not len(s):
             return s
         sig = pair_signals(s, list(queries), list(texts), self.grades, self.encoder, self.combiner.signals)

@@ -122,7 +122,7 @@ def fit_stack(
     use = combiner.signals
     if not set(use) & {"llm_logp", "llm_score"}:
         log.warning("the LLM's signals did not raise the held-out kappa on the calibration pairs: the stacked "
-                    "judge grades from %s alone (the LLM still runs; a stronger base model is the lever)", use)  # fmt: skip
+                    "judge grades from %s alone and skips the LLM (a stronger base model is the lever)", use)  # fmt: skip
     rows = {}
     if len(set(qids.tolist())) >= 2:
         cv_label, cv_score = cross_validated_grades(sig, human, qids, grades, use, s.c, s.folds)

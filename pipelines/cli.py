@@ -482,6 +482,10 @@ def _cmd_judge(a: argparse.Namespace) -> int:
         print(r.summary())
         print(f"best checkpoint: step {m.get('step')}, val kappa {m.get('val_kappa', float('nan')):.3f}, "
               f"tau {m.get('val_tau', float('nan')):.3f}; judge in {cfg.out}")  # fmt: skip
+        if m.get("stack"):
+            cv = m["stack"]["agreement"].get("stacked (query-fold CV)", {})
+            print(f"stacked with {', '.join(m['stack']['signals'])}: kappa {cv.get('cohen_kappa', float('nan')):.3f} "
+                  f"on held-out folds of {m['stack']['pairs']} validation-query pairs")  # fmt: skip
         return 0
     if a.judge_command == "calibrate":
         from cluster.embedded import init_ray

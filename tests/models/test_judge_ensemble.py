@@ -124,3 +124,26 @@ def test_ensemble_scorer_wraps_a_real_tiny_lm(tiny_causal_lm):
     assert len(stacked.score([], [])) == 0
     with pytest.raises(ValueError, match="encoder"):
         EnsembleScorer(llm, comb, None)
+
+
+def test_stack_without_llm_signals_skips_the_llm_forward_pass(tiny_causal_lm):
+    lm = load_causal_lm(str(tiny_causal_lm), dtype="fp32", device="cpu")
+    llm = LabelTokenScorer(lm.model, lm.tokenizer, UMBRELA, batch_size=4)
+    queries, texts = (
+        ["what is the town", "who", "the river"] * 4,
+        ["the town was founded", "", "x " * 400] * 4,
+    )
+    enc = _BagEncoder()
+    sig = pair_signals(llm.score(queries, texts), queries, texts, GRADES, enc)
+    comb = GradeCombiner.fit(sig, np.array([3, 0, 1] * 4), GRADES, use=["dense_cos", "overlap"])
+    assert not comb.uses_llm
+    expected = llm.score(queries, texts)
+
+    def no_forward(*a, **k):
+        raise AssertionError("the LLM ran")
+
+    llm.grade_logits = no_forward
+    r = EnsembleScorer(llm, comb, enc).score(queries, texts)
+    np.testing.assert_allclose(r.probs, comb.predict_proba(sig), atol=1e-6)
+    np.testing.assert_array_equal(r.n_tokens, expected.n_tokens)
+    np.testing.assert_array_equal(r.truncated, expected.truncated)

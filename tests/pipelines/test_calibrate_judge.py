@@ -60,3 +60,21 @@ def test_calibrate_a_base_model_then_predict_with_the_stacked_judge(
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "judge.calibrate" and manifest["counts"] == {"calibration_pairs": 120}
+
+
+def test_cli_calibrate_prints_the_stack_and_names_a_bad_key(
+    ray_session, tiny_causal_lm, synth_dataset, tmp_path, capsys
+):
+    from pipelines.cli import main
+
+    out = tmp_path / "cli-stacked"
+    rc = main(["judge", "calibrate", "--judge", str(tiny_causal_lm), "--pairs", str(synth_dataset / "pairs"),
+               "--out", str(out), "--set", "dtype=fp32", "--set", "stack.n_pairs=60",
+               "--set", "stack.signals=[llm_score, overlap]"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "LLM alone (argmax)" in text and f"stacked judge in {out}" in text
+    assert (out / "combiner.json").exists() and "dense_cos" not in GradeCombiner.load(out).features
+    assert (
+        main(["judge", "calibrate", "--judge", "x", "--pairs", "p", "--out", "o", "--set", "stack.nn=3"]) != 0
+    )
+    assert "stack.nn" in capsys.readouterr().err
