@@ -77,7 +77,8 @@ def main() -> None:
     work = Path(args.work)
     dl19, llmj = prepared(work)
 
-    overrides = [f"train=[{dl19 / 'splits' / 'train' / 'pairs'}, {llmj / 'data' / 'pairs'}]"]
+    # stack=null: the benchmark fits its own stacks below, on the same calibration pairs, for every judge
+    overrides = [f"train=[{dl19 / 'splits' / 'train' / 'pairs'}, {llmj / 'data' / 'pairs'}]", "stack=null"]
     if args.quick:
         overrides += ["n_train=64", "n_val=48", "max_steps=6", "eval_every=3", f"out={work / 'judge-quick'}"]
     else:
