@@ -45,6 +45,11 @@ class StackSettings(BaseModel):
         description="keep only the signals that raise the query-fold cross-validated kappa (greedy forward "
         "selection); false: use every signal listed",
     )
+    min_gain: float = Field(
+        0.005,
+        ge=0,
+        description="kappa a signal must add to enter the selection (raise it for small calibration sets)",
+    )
     folds: int = Field(5, ge=2, description="query folds for selection and the cross-validated estimate")
     batch_size: int = Field(16, gt=0)
     num_cpus: float = Field(1, gt=0, description="CPUs of the scoring task")
@@ -117,7 +122,7 @@ def fit_stack(
         encoder = MeanPoolEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
     sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
     human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
-    combiner, path = fit_stacked(sig, human, qids, grades, s.signals, s.c, s.folds, s.select, encoder=s.encoder,
+    combiner, path = fit_stacked(sig, human, qids, grades, s.signals, s.c, s.folds, s.select, s.min_gain, encoder=s.encoder,
                                  encoder_dtype=s.encoder_dtype)  # fmt: skip
     use = combiner.signals
     if not set(use) & {"llm_logp", "llm_score"}:
