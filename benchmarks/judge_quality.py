@@ -37,9 +37,15 @@ from models.cross_encoder import CrossEncoderGrader  # noqa: E402
 from models.encoder import MeanPoolEncoder  # noqa: E402
 from models.judge_card import load_judge  # noqa: E402
 from models.judge_ensemble import GradeCombiner, fit_stacked, pair_signals  # noqa: E402
-from pipelines.calibrate_judge import StackSettings, calibration_sample  # noqa: E402
+from pipelines.calibrate_judge import StackSettings  # noqa: E402
 from pipelines.data import PrepareConfig, SplitConfig, prepare, split  # noqa: E402
-from pipelines.finetune_judge import FinetuneConfig, finetune, sample_train_val, split_pools  # noqa: E402
+from pipelines.finetune_judge import (  # noqa: E402
+    FinetuneConfig,
+    finetune,
+    natural_sample,
+    sample_train_val,
+    split_pools,
+)
 from pipelines.io import read_table  # noqa: E402
 from pipelines.stage import load_config  # noqa: E402
 
@@ -64,6 +70,19 @@ def prepared(work: Path) -> tuple[Path, Path]:
             )
         )
     return dl19, llmj
+
+
+class _MemoEncoder:
+    """Every stacked row re-reads the same calibration and test texts: encode each text once."""
+
+    def __init__(self, encoder):
+        self.encoder, self.vectors = encoder, {}
+
+    def encode(self, texts):
+        new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+        if new:
+            self.vectors.update(zip(new, self.encoder.encode(new), strict=True))
+        return np.stack([self.vectors[t] for t in texts])
 
 
 def main() -> None:
@@ -97,7 +116,7 @@ def main() -> None:
     pools = split_pools(cfg)
     train, val, _ = sample_train_val(cfg, pools)
     stack = StackSettings()
-    calib = calibration_sample(pools[1], 240 if args.quick else stack.n_pairs, cfg.seed + 2)
+    calib = natural_sample(pools[1], 240 if args.quick else stack.n_pairs, cfg.seed + 2)
     test = read_table(dl19 / "splits" / "test" / "pairs")
     n_test = args.test_pairs or (240 if args.quick else test.num_rows)
     if n_test < test.num_rows:
@@ -110,7 +129,7 @@ def main() -> None:
     vq, vt, vh, _ = cols(val)
     tq, tt, th, tqid = cols(test)
     cq, ct, ch, cqid = cols(calib)
-    encoder = MeanPoolEncoder(dtype=stack.encoder_dtype)
+    encoder = _MemoEncoder(MeanPoolEncoder(dtype=stack.encoder_dtype))
     rows = []
 
     def stacked(name: str, calib_llm, test_llm, use=tuple(stack.signals)):

@@ -1,11 +1,11 @@
 """``augrel judge calibrate``: stack a judge with cheap relevance signals, fit on held-out labelled pairs.
 
 Takes a judge (a fine-tuned directory, or a base model zero-shot) and labelled pairs of queries the judge never
-trained on, draws ``n_pairs`` of them with their natural grade mix, scores them with the LLM, adds the MiniLM
+trained on, draws ``n_pairs`` of them with their natural grade mix (``natural_sample``), scores them with the LLM, adds the MiniLM
 cosine and lexical signals, and fits the ``GradeCombiner`` of ``models.judge_ensemble`` (multinomial logistic
 regression + kappa cut-points). Writes a judge directory whose card names ``combiner.json``: predict, annotate
 and serve then grade with the stacked judge. ``augrel judge finetune`` runs this on its validation queries
-at the end (``stack.enabled``).
+at the end (its ``stack`` section; ``stack: null`` turns it off).
 
 The scoring runs as one Ray task with the resources asked for (a GPU with ``num_gpus: 1``), so a cluster's
 driver pod never loads a 9B model on its CPU.
@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.judge_ensemble import SIGNALS
@@ -82,14 +81,6 @@ class CalibrateConfig(StageConfig):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
-
-
-def calibration_sample(table: pa.Table, n: int, seed: int) -> pa.Table:
-    """``n`` labelled rows in their natural grade mix (all of them when fewer), deterministic for the seed."""
-    table = table.filter(pc.is_valid(table.column("label")))
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.permutation(table.num_rows)[: min(n, table.num_rows)])
-    return table.take(pa.array(idx))
 
 
 def fit_stack(
@@ -177,13 +168,13 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
 
 def calibrate(cfg: CalibrateConfig) -> StageResult:
     from cluster.embedded import init_ray
-    from pipelines.finetune_judge import _labelled
+    from pipelines.finetune_judge import _labelled, natural_sample
 
     init_ray()
     out = Path(cfg.out)
     with Timer() as timer:
         pool = _labelled(cfg.pairs)
-        table = calibration_sample(pool, cfg.stack.n_pairs, cfg.seed)
+        table = natural_sample(pool, cfg.stack.n_pairs, cfg.seed)
         if len(set(table.column("label").to_pylist())) < 2:
             raise DataError(f"{cfg.pairs}: calibration pairs need at least two different grades")
         report = stack_judge(cfg.judge, out, table, cfg.stack, template=cfg.template,

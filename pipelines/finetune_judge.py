@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines import tables as T
-from pipelines.calibrate_judge import StackSettings, calibration_sample, stack_judge
+from pipelines.calibrate_judge import StackSettings, stack_judge
 from pipelines.data import assign_splits
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
@@ -148,6 +148,7 @@ def class_balanced_sample(table: pa.Table, n: int, grades: list[int], seed: int)
 
 
 def natural_sample(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """``n`` rows in the grade mix the table has (all of them when fewer), deterministic for the seed."""
     rng = np.random.default_rng(seed)
     return table.take(pa.array(rng.permutation(table.num_rows)[: min(n, table.num_rows)]))
 
@@ -462,7 +463,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             stack = cfg.stack
             if cfg.use_gpu and not stack.num_gpus:
                 stack = stack.model_copy(update={"num_gpus": 1})
-            calib = calibration_sample(pools[1], stack.n_pairs, cfg.seed + 2)
+            calib = natural_sample(pools[1], stack.n_pairs, cfg.seed + 2)
             print(
                 f"stacking the judge: scoring {calib.num_rows} validation-query pairs (natural grade mix)",
                 flush=True,

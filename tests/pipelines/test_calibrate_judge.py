@@ -5,8 +5,9 @@ import pytest
 
 from models.judge_card import JudgeCard, load_judge
 from models.judge_ensemble import EnsembleScorer, GradeCombiner
-from pipelines.calibrate_judge import CalibrateConfig, StackSettings, calibrate, calibration_sample
+from pipelines.calibrate_judge import CalibrateConfig, StackSettings, calibrate
 from pipelines.errors import ConfigError
+from pipelines.finetune_judge import natural_sample
 from pipelines.io import read_table
 from pipelines.judge import PredictConfig, predict
 from pipelines.stage import load_config
@@ -14,13 +15,13 @@ from pipelines.stage import load_config
 
 def test_calibration_sample_keeps_the_natural_grade_mix(synth_dataset):
     pool = read_table(synth_dataset / "pairs")
-    s = calibration_sample(pool, 200, seed=1)
-    assert s.num_rows == 200 and calibration_sample(pool, 200, seed=1).equals(s)
+    s = natural_sample(pool, 200, seed=1)
+    assert s.num_rows == 200 and natural_sample(pool, 200, seed=1).equals(s)
     # a uniform draw of rows, not a balanced one: each grade's share stays near the pool's
     share = lambda t, g: np.mean(t.column("label").to_numpy() == g)  # noqa: E731
     for g in range(4):
         assert abs(share(s, g) - share(pool, g)) < 0.12
-    assert calibration_sample(pool, 10**6, seed=1).num_rows == pool.num_rows
+    assert natural_sample(pool, 10**6, seed=1).num_rows == pool.num_rows
 
 
 def test_stack_settings_name_bad_signals():
