@@ -215,6 +215,41 @@ def _jsonl_rows(unit: WorkUnit) -> tuple[list[dict[str, Any]], list[tuple[int, s
     return rows, bad
 
 
+def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, holding about one unit in memory whatever its row groups.
+
+    A row group small next to the unit is read whole and sliced. A large one (pandas and pyarrow write up to a
+    million rows per group) is streamed in unit-sized batches from the group's start, keeping only the unit's:
+    reading it whole would make every read task hold a whole group, so memory would grow with the size of the
+    input's files (seen: 1.15x more private memory at 1M pairs than at 100k in 8 files).
+    """
+    pf = pq.ParquetFile(path, buffer_size=1 << 20)  # buffered: a column chunk is not read into memory whole
+    cols = [c for c in INPUT_COLUMNS if c in pf.schema_arrow.names]
+    want = max(1, stop - start)
+    pieces, first = [], 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(0, start - first), min(n, stop - first)  # the unit's rows in this group
+        first += n
+        if lo >= hi:
+            continue
+        if n <= 4 * want:
+            pieces.append(pf.read_row_group(g, columns=cols).slice(lo, hi - lo))
+            continue
+        at = 0
+        for batch in pf.iter_batches(batch_size=want, row_groups=[g], columns=cols, use_threads=False):
+            b_lo, b_hi = max(lo, at), min(hi, at + batch.num_rows)
+            if b_lo < b_hi:
+                pieces.append(pa.Table.from_batches([batch.slice(b_lo - at, b_hi - b_lo)]))
+            at += batch.num_rows
+            if at >= hi:
+                break
+    if not pieces:
+        return pf.schema_arrow.empty_table().select(cols)
+    # one contiguous copy: the slices would otherwise keep their whole batches alive downstream
+    return pa.concat_tables(pieces).combine_chunks()
+
+
 def read_unit(unit: WorkUnit, max_chars: int) -> tuple[pa.Table, pa.Table, int]:
     """(good pairs, rejected rows with reasons, rows read) of one unit.
 
@@ -224,16 +259,7 @@ def read_unit(unit: WorkUnit, max_chars: int) -> tuple[pa.Table, pa.Table, int]:
     """
     source = f"{unit.path}"
     if unit.fmt == "parquet":
-        pf = pq.ParquetFile(unit.path)
-        cols = [c for c in INPUT_COLUMNS if c in pf.schema_arrow.names]
-        pieces, first = [], 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            lo, hi = max(0, unit.start - first), min(n, unit.stop - first)  # the unit's rows in this group
-            if lo < hi:
-                pieces.append(pf.read_row_group(g, columns=cols).slice(lo, hi - lo))
-            first += n
-        table = pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols)
+        table = _read_parquet_rows(unit.path, unit.start, unit.stop)
         line = pa.array(np.arange(unit.start, unit.start + table.num_rows) + 1, pa.int64())  # 1-based row
         bad_rows: list[tuple[int, str, str]] = []
     else:

@@ -33,12 +33,12 @@ def _pairs(n: int, seed: int = 0) -> list[dict]:
     ]  # fmt: skip
 
 
-def _write_parquet_shards(dirpath: Path, rows: list[dict], shards: int) -> Path:
+def _write_parquet_shards(dirpath: Path, rows: list[dict], shards: int, row_group_size: int = 7) -> Path:
     dirpath.mkdir(parents=True, exist_ok=True)
     per = -(-len(rows) // shards)
     for s in range(shards):
         pq.write_table(pa.Table.from_pylist(rows[s * per : (s + 1) * per]), dirpath / f"part-{s:05d}.parquet",
-                       row_group_size=7)  # fmt: skip
+                       row_group_size=row_group_size)  # fmt: skip
     return dirpath
 
 
@@ -67,17 +67,20 @@ def test_jsonl_units_cover_every_line_exactly_once(tmp_path):
         assert got == [(r["qid"], r["docid"]) for r in rows], unit_rows
 
 
-def test_parquet_units_are_row_ranges_across_row_groups(tmp_path):
+@pytest.mark.parametrize("row_group_size", [7, 1000])  # groups smaller than a unit; one group per file, streamed
+def test_parquet_units_are_row_ranges_across_row_groups(tmp_path, row_group_size):
     rows = _pairs(100)
-    d = _write_parquet_shards(tmp_path / "pairs", rows, shards=3)
-    units, fingerprint = plan_units(str(d), 16)
-    assert len(fingerprint) == 3 and [u.name for u in units][:3] == ["part-00000-00000", "part-00000-00001",
-                                                                     "part-00000-00002"]  # fmt: skip
-    got = []
-    for u in units:
-        good, _, _ = read_unit(u, max_chars=10_000)
-        got += _keys(good)
-    assert got == [(r["qid"], r["docid"]) for r in rows]
+    d = _write_parquet_shards(tmp_path / "pairs", rows, shards=3, row_group_size=row_group_size)
+    for unit_rows in (1, 5, 16):
+        units, fingerprint = plan_units(str(d), unit_rows)
+        assert len(fingerprint) == 3 and [u.name for u in units][:3] == ["part-00000-00000", "part-00000-00001",
+                                                                         "part-00000-00002"]  # fmt: skip
+        got = []
+        for u in units:
+            good, _, n_read = read_unit(u, max_chars=10_000)
+            assert good.num_rows == n_read == u.stop - u.start
+            got += _keys(good)
+        assert got == [(r["qid"], r["docid"]) for r in rows], unit_rows
 
 
 def test_malformed_rows_are_rejected_with_reasons(tmp_path):
