@@ -67,7 +67,9 @@ def test_jsonl_units_cover_every_line_exactly_once(tmp_path):
         assert got == [(r["qid"], r["docid"]) for r in rows], unit_rows
 
 
-@pytest.mark.parametrize("row_group_size", [7, 1000])  # groups smaller than a unit; one group per file, streamed
+@pytest.mark.parametrize(
+    "row_group_size", [7, 1000]
+)  # groups smaller than a unit; one group per file, streamed
 def test_parquet_units_are_row_ranges_across_row_groups(tmp_path, row_group_size):
     rows = _pairs(100)
     d = _write_parquet_shards(tmp_path / "pairs", rows, shards=3, row_group_size=row_group_size)
