@@ -33,6 +33,11 @@ def _kappa(h: np.ndarray, j: np.ndarray, grades: Sequence[int], weights: str | N
     return float(cohen_kappa_score(h, j, labels=list(grades), weights=weights))
 
 
+def cohen_kappa(human: np.ndarray, judge: np.ndarray, grades: Sequence[int] = (0, 1, 2, 3)) -> float:
+    """Cohen's kappa over the given grades (nan when neither side varies)."""
+    return _kappa(np.asarray(human), np.asarray(judge), grades)
+
+
 def _tau(h: np.ndarray, s: np.ndarray) -> float:
     if len(h) < 2 or len(np.unique(h)) < 2 or len(np.unique(s)) < 2:
         return float("nan")
@@ -48,16 +53,25 @@ def tune_cutpoints(
     score: np.ndarray,
     human: np.ndarray,
     grades: Sequence[int] = (0, 1, 2, 3),
-    steps: int = 41,
+    steps: int = 101,
     rounds: int = 3,
 ) -> list[float]:
     """Cut-points on the expected grade that maximise Cohen's kappa (coordinate ascent over a grid).
 
     The standard ordinal trick (Yamasaki & Tanaka, TMLR 2023): tune on validation data, apply to test data.
+    The grid is the scores' own quantiles, not evenly spaced grades: a judge trained on the natural grade mix
+    puts nearly all expected grades in a narrow band (say 0.4-0.9), which a 0.075-wide grid over 0-3 cannot
+    cut. The search starts from the cut-points that reproduce the human grade mix, then moves each one to
+    whatever maximises kappa (forcing the mix itself lowers kappa: ../shared/notes/judge-levers.md, lever 1).
     """
-    lo, hi = float(min(grades)), float(max(grades))
-    cuts = [g + 0.5 for g in grades[:-1]]
-    grid = np.linspace(lo, hi, steps)
+    score, human = np.asarray(score, dtype=float), np.asarray(human)
+    if len(score) == 0:
+        return [g + 0.5 for g in grades[:-1]]
+    # midpoints between neighbouring distinct quantiles, so a cut never sits on a score
+    q = np.unique(np.quantile(score, np.linspace(0, 1, steps)))
+    grid = np.unique(np.concatenate([(q[:-1] + q[1:]) / 2, [q[0] - 1e-6, q[-1] + 1e-6]]))
+    mix = np.cumsum([np.mean(human == g) for g in grades[:-1]])
+    cuts = sorted(float(grid[np.abs(grid - np.quantile(score, m)).argmin()]) for m in mix)
     # Cohen's kappa from a bincount confusion matrix (what cohen_kappa_score computes, ~50x faster): this loop
     # evaluates a few hundred cut-point sets, and the stacked judge's signal selection calls it per fold.
     g = len(grades)
@@ -71,16 +85,17 @@ def tune_cutpoints(
         return (np.trace(cm) / n - pe) / (1 - pe) if pe < 1 else float("nan")
 
     best = kappa_of(cuts)
+    best = -np.inf if np.isnan(best) else best
     for _ in range(rounds):
         for i in range(len(cuts)):
-            left = cuts[i - 1] if i else lo - 1e-9
-            right = cuts[i + 1] if i + 1 < len(cuts) else hi + 1e-9
-            for c in grid[(grid > left) & (grid < right)]:
+            left = cuts[i - 1] if i else -np.inf
+            right = cuts[i + 1] if i + 1 < len(cuts) else np.inf
+            for c in grid[(grid >= left) & (grid <= right)]:
                 trial = [*cuts[:i], float(c), *cuts[i + 1 :]]
                 k = kappa_of(trial)
                 if k > best + 1e-12:
                     best, cuts = k, trial
-    return [round(c, 4) for c in cuts]
+    return [float(c) for c in cuts]
 
 
 @dataclass

@@ -480,7 +480,8 @@ def _cmd_judge(a: argparse.Namespace) -> int:
         r = finetune(cfg)
         m = r.extra["metrics"]
         print(r.summary())
-        print(f"best checkpoint: step {m.get('step')}, val kappa {m.get('val_kappa', float('nan')):.3f}, "
+        print(f"best checkpoint: step {m.get('step')}, val kappa {m.get('val_kappa', float('nan')):.3f} "
+              f"(cut-points {m.get('val_kappa_cut', float('nan')):.3f}), "
               f"tau {m.get('val_tau', float('nan')):.3f}; judge in {cfg.out}")  # fmt: skip
         if m.get("stack"):
             cv = m["stack"]["agreement"].get("stacked (query-fold CV)", {})

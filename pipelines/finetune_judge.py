@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft import LoraConfig, get_peft_model
 
     from cluster.profiles import deepspeed_config
-    from eval.agreement import agreement
+    from eval.agreement import agreement, cohen_kappa, grades_from_cutpoints, tune_cutpoints
     from models.judge import GradeHead, LabelTokenScorer, PairEncoder, pad_left
     from models.loading import load_causal_lm
     from models.losses import GradeTokenCrossEntropy
@@ -333,10 +333,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
         merged = {k: [x for g in gathered for x in g[k]] for k in local}
-        rep = agreement(np.array(merged["human"]), np.array(merged["label"]), np.array(merged["score"]),
-                        np.array(merged["qid"]), cfg.grades, n_boot=0)  # fmt: skip
+        human, score = np.array(merged["human"]), np.array(merged["score"])
+        rep = agreement(
+            human, np.array(merged["label"]), score, np.array(merged["qid"]), cfg.grades, n_boot=0
+        )
+        # Kappa of labels cut from the expected grade (how the judge will grade): the argmax of a model trained
+        # on the natural mix is grade 0 for nearly every pair, so its kappa cannot rank checkpoints. The
+        # cut-points are tuned on these same pairs, so the figure is optimistic, but alike for every checkpoint.
+        cut_labels = grades_from_cutpoints(score, tune_cutpoints(score, human, cfg.grades), cfg.grades)
+        kappa_cut = cohen_kappa(human, cut_labels, cfg.grades)
         engine.train()
-        return {"val_kappa": rep.metrics["cohen_kappa"], "val_weighted_kappa": rep.metrics["weighted_kappa_quadratic"],
+        return {"val_kappa_cut": kappa_cut, "val_kappa": rep.metrics["cohen_kappa"],
+                "val_weighted_kappa": rep.metrics["weighted_kappa_quadratic"],
                 "val_tau": rep.metrics["kendall_tau_b_pooled"], "val_accuracy": rep.metrics["accuracy"],
                 "val_scores": merged}  # fmt: skip
 
@@ -378,7 +386,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
                         Path(tmp, "val_scores.json").write_text(json.dumps(val_scores))
                         print(f"step {step}/{total_steps} loss {metrics['train_loss']:.4f} "
-                              f"val kappa {metrics['val_kappa']:.3f} tau {metrics['val_tau']:.3f} "
+                              f"val kappa {metrics['val_kappa']:.3f} (cut-points {metrics['val_kappa_cut']:.3f}) "
+                              f"tau {metrics['val_tau']:.3f} "
                               f"({elapsed:.0f}s)", flush=True)  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if step >= total_steps:
@@ -386,6 +395,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
+
+
+def _nan_low(x: float | None) -> float:
+    return float("-inf") if x is None or math.isnan(x) else x
 
 
 def finetune(cfg: FinetuneConfig) -> StageResult:
@@ -418,7 +431,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_kappa", checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute="val_kappa_cut", checkpoint_score_order="max"
             ),
         )
         loop_config = {"cfg": cfg.model_dump(mode="json"), "model_path": model_path,
@@ -438,7 +451,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         result = trainer.fit()
         if result.error:
             raise result.error
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_kappa", float("-inf")))
+        best = max(result.best_checkpoints, key=lambda cm: _nan_low(cm[1].get("val_kappa_cut")))
         best_ckpt, best_metrics = best
         with best_ckpt.as_directory() as d:
             if (out / "adapter").exists():

@@ -61,6 +61,22 @@ def test_cutpoints_map_and_tuning_does_not_lower_kappa():
     assert tuned > default + 0.1 and cuts == sorted(cuts)
 
 
+def test_cutpoints_cut_a_narrow_band_of_scores():
+    # a judge trained on the natural grade mix: every expected grade between 0.60 and 0.64, still ordered
+    rng = np.random.default_rng(3)
+    h = rng.choice(4, 2000, p=[0.55, 0.2, 0.17, 0.08])
+    score = 0.6 + 0.01 * h + rng.normal(0, 0.004, 2000)
+    cuts = tune_cutpoints(score, h)
+    labels = grades_from_cutpoints(score, cuts, [0, 1, 2, 3])
+    assert cohen_kappa_score(h, labels) > 0.6
+    assert all(0.59 < c < 0.65 for c in cuts) and cuts == sorted(cuts)
+
+
+def test_cutpoints_of_a_constant_score_give_one_grade():
+    cuts = tune_cutpoints(np.full(50, 1.2), np.repeat([0, 1], 25))
+    assert len(set(grades_from_cutpoints(np.full(50, 1.2), cuts, [0, 1, 2, 3]))) == 1
+
+
 def test_plots_are_written(tmp_path):
     rng = np.random.default_rng(2)
     h = rng.integers(0, 4, 200)
