@@ -6,8 +6,8 @@ over queries.
 Protocol: DL 2019 queries are split 70/30 (seed 13). The judge fine-tunes on the 70% plus LLMJudge dev (TREC DL
 2023 passages), class-balanced, validating on held-out training queries (configs/judge-dl19.yaml); the
 cross-encoder trains on the very same sampled pairs. Every method is scored on the 30% test queries, twice:
-its argmax label, and labels from cut-points on its expected grade tuned for kappa on the validation pairs
-(../shared/notes/judge-levers.md, lever 1). The stacked rows fit their combiner on 1,000 pairs of the
+its argmax label, and labels from cut-points on its expected grade tuned for kappa on the calibration pairs
+below (../shared/notes/judge-levers.md, lever 1). The stacked rows fit their combiner on 1,000 pairs of the
 validation queries in their natural grade mix (what `judge finetune` does with ``stack``); the "MiniLM cosine
 alone" row is the same combiner with the cosine as its only signal, so the LLM's own contribution shows.
 Ends with ``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=.. kappa_stacked=.. kappa_cosine=..``
@@ -126,7 +126,6 @@ def main() -> None:
         return (t.column("query").to_pylist(), t.column("text").to_pylist(),
                 t.column("label").to_numpy(), np.asarray(t.column("qid").to_pylist()))  # fmt: skip
 
-    vq, vt, vh, _ = cols(val)
     tq, tt, th, tqid = cols(test)
     cq, ct, ch, cqid = cols(calib)
     encoder = _MemoEncoder(MeanPoolEncoder(dtype=stack.encoder_dtype))
@@ -152,8 +151,10 @@ def main() -> None:
                 (f"{name}, all signals", agreement(th, label, score, tqid, GRADES, n_boot=args.bootstrap))
             )
 
-    def report(name: str, val_score, test_label, test_score):
-        cuts = tune_cutpoints(val_score, vh, GRADES)
+    def report(name: str, calib_score, test_label, test_score):
+        # cut-points from the natural-mix calibration pairs: tuned on the balanced validation sample they
+        # would expect far more high grades than held-out queries have
+        cuts = tune_cutpoints(calib_score, ch, GRADES)
         for variant, labels in (
             ("argmax", test_label),
             ("cut-points", grades_from_cutpoints(test_score, cuts, GRADES)),
@@ -182,9 +183,9 @@ def main() -> None:
         ("fine-tuned Gemma 3 270M + LoRA", judge_dir),
     ):
         t0 = time.perf_counter()
-        v, s, c = llm_scores(judge, [(vq, vt), (tq, tt), (cq, ct)])
+        s, c = llm_scores(judge, [(tq, tt), (cq, ct)])
         timings[name] = time.perf_counter() - t0
-        report(name, v.score, s.label, s.score)
+        report(name, c.score, s.label, s.score)
         stacked(f"{name} stacked", c, s)
     stacked("MiniLM cosine alone (same combiner)", c, s, use=("dense_cos",))
 
@@ -192,10 +193,10 @@ def main() -> None:
     ce = CrossEncoderGrader.from_pretrained(grades=GRADES)
     trq, trt, trh, _ = cols(train)
     ce.fit(np.asarray(trq, dtype=object), np.asarray(trt, dtype=object), trh, epochs=3)
-    _, _, v_score = ce.predict(vq, vt)
+    _, _, c_score = ce.predict(cq, ct)
     label, _, score = ce.predict(tq, tt)
     timings["MiniLM cross-encoder"] = time.perf_counter() - t0
-    report("MiniLM cross-encoder", v_score, label, score)
+    report("MiniLM cross-encoder", c_score, label, score)
 
     print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
           f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; stack calibration {calib.num_rows} "
@@ -208,7 +209,7 @@ def main() -> None:
               f"{m['weighted_kappa_quadratic']:>8.3f} {m['krippendorff_alpha_ordinal']:>6.3f} "
               f"{m['accuracy']:>6.3f} {m['kendall_tau_b_pooled']:>6.3f}")  # fmt: skip
     print(
-        "seconds (load + score val, test and calibration pairs): "
+        "seconds (load + score test and calibration pairs): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
     )
     k = {name: r.metrics["cohen_kappa"] for name, r in rows}
