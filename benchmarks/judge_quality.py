@@ -4,8 +4,10 @@ cross-encoder trained on the same labels, and each LLM stacked with MiniLM cosin
 over queries.
 
 Protocol: DL 2019 queries are split 70/30 (seed 13). The judge fine-tunes on the 70% plus LLMJudge dev (TREC DL
-2023 passages), class-balanced, validating on held-out training queries (configs/judge-dl19.yaml); the
-cross-encoder trains on the very same sampled pairs. Every method is scored on the 30% test queries, twice:
+2023 passages), validating on held-out training queries: by default every label of the training queries in its
+natural grade mix for one epoch (configs/judge-dl19-full.yaml, about an hour here), or ``--config
+configs/judge-dl19.yaml`` for paper 1's 1,000 class-balanced pairs; the cross-encoder trains on the very same
+sampled pairs (3 epochs of up to 2,000 pairs, else one). Every method is scored on the 30% test queries, twice:
 its argmax label, and labels from cut-points on its expected grade tuned for kappa on the calibration pairs
 below (../shared/notes/judge-levers.md, lever 1). The stacked rows fit their combiner on 1,000 pairs of the
 validation queries in their natural grade mix (what `judge finetune` does with ``stack``); the "MiniLM cosine
@@ -13,7 +15,7 @@ alone" row is the same combiner with the cosine as its only signal, so the LLM's
 Ends with ``RESULT kappa_finetuned=.. kappa_zeroshot=.. kappa_crossencoder=.. kappa_stacked=.. kappa_cosine=..``
 (cut-point labels for the LLM rows).
 
-    python benchmarks/judge_quality.py [--quick] [--judge runs/dl19/judge]
+    python benchmarks/judge_quality.py [--quick] [--config configs/judge-dl19.yaml] [--judge runs/dl19/judge]
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sample of test pairs and a short fine-tune")
     ap.add_argument("--judge", help="an existing fine-tuned judge directory (skip fine-tuning)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "judge-dl19-full.yaml"),
+                    help="fine-tuning recipe (default: every training-query label in its natural mix, about an "
+                         "hour here; configs/judge-dl19.yaml is paper 1's 1,000 balanced pairs)")  # fmt: skip
     ap.add_argument("--work", default=os.environ.get("AUGREL_BENCH_CACHE", "/tmp/augrel-bench"))
     ap.add_argument("--test-pairs", type=int, help="score this many test pairs (default: all; --quick: 240)")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -101,8 +106,8 @@ def main() -> None:
     if args.quick:
         overrides += ["n_train=64", "n_val=48", "max_steps=6", "eval_every=3", f"out={work / 'judge-quick'}"]
     else:
-        overrides += [f"out={work / 'judge'}"]
-    cfg = load_config(FinetuneConfig, REPO / "configs" / "judge-dl19.yaml", overrides)
+        overrides += [f"out={work / Path(args.config).stem}"]
+    cfg = load_config(FinetuneConfig, args.config, overrides)
     t0 = time.perf_counter()
     judge_dir = args.judge
     if not judge_dir:
@@ -192,14 +197,16 @@ def main() -> None:
     t0 = time.perf_counter()
     ce = CrossEncoderGrader.from_pretrained(grades=GRADES)
     trq, trt, trh, _ = cols(train)
-    ce.fit(np.asarray(trq, dtype=object), np.asarray(trt, dtype=object), trh, epochs=3)
+    ce.fit(
+        np.asarray(trq, dtype=object), np.asarray(trt, dtype=object), trh, epochs=3 if len(trh) <= 2000 else 1
+    )
     _, _, c_score = ce.predict(cq, ct)
     label, _, score = ce.predict(tq, tt)
     timings["MiniLM cross-encoder"] = time.perf_counter() - t0
     report("MiniLM cross-encoder", c_score, label, score)
 
     print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
-          f"train {train.num_rows} / val {val.num_rows} class-balanced pairs; stack calibration {calib.num_rows} "
+          f"train {train.num_rows} / val {val.num_rows} pairs ({cfg.sampling}); stack calibration {calib.num_rows} "
           f"pairs (natural mix) of the val queries; fine-tune {finetune_s:.0f}s")  # fmt: skip
     hdr = f"{'method':<64} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
     print(hdr)
