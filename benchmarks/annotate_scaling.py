@@ -282,6 +282,9 @@ def main() -> None:
     by = {r["name"]: r for r in rows}
     head = (f"{'run':<44} {'pairs':>9} {'wall s':>8} {'pairs/s':>9} {'steady/s':>9} {'driver MB':>10} {'all RSS':>8} {'all USS':>8} "
             f"{'lost':>5} {'dup':>4}")  # fmt: skip
+    from models.loading import cpu_description
+
+    print(f"annotate scaling: {cpu_description()}")
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -39,6 +39,7 @@ from models.cross_encoder import CrossEncoderGrader  # noqa: E402
 from models.encoder import MeanPoolEncoder  # noqa: E402
 from models.judge_card import load_judge  # noqa: E402
 from models.judge_ensemble import GradeCombiner, fit_stacked, pair_signals  # noqa: E402
+from models.loading import cpu_description  # noqa: E402
 from pipelines.calibrate_judge import StackSettings  # noqa: E402
 from pipelines.data import PrepareConfig, SplitConfig, prepare, split  # noqa: E402
 from pipelines.finetune_judge import (  # noqa: E402
@@ -207,7 +208,7 @@ def main() -> None:
 
     print(f"\njudge quality: held-out TREC DL 2019 queries ({len(set(tqid))} queries, {len(th)} pairs); "
           f"train {train.num_rows} / val {val.num_rows} pairs ({cfg.sampling}); stack calibration {calib.num_rows} "
-          f"pairs (natural mix) of the val queries; fine-tune {finetune_s:.0f}s")  # fmt: skip
+          f"pairs (natural mix) of the val queries; fine-tune {finetune_s:.0f}s on {cpu_description()}")  # fmt: skip
     hdr = f"{'method':<64} {'kappa':>6} {'95% CI':>15} {'w.kappa':>8} {'alpha':>6} {'acc':>6} {'tau':>6}"
     print(hdr)
     for name, r in rows:

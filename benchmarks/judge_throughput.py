@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.judge import LabelTokenScorer
-from models.loading import load_causal_lm, resolve_dtype
+from models.loading import cpu_description, load_causal_lm, resolve_dtype
 from models.prompts import UMBRELA
 from pipelines.data import PrepareConfig, prepare
 from pipelines.io import read_table
@@ -140,7 +140,7 @@ def main() -> None:
         peak["bf16"] = matmul_peak(torch.bfloat16)
 
     print(f"\njudge throughput: {args.model}, TREC DL 2019 pairs ({n} scored, {n_naive} for the naive row), "
-          f"{threads} threads")  # fmt: skip
+          f"{threads} threads; {cpu_description()}")  # fmt: skip
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peak.items()))
     print(f"{'method':<56} {'pairs/s':>8} {'vs naive':>9} {'GFLOP/pair':>11} {'TFLOP/s':>8} {'of peak':>8}")
     for label, dt, rate, flops in results:

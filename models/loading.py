@@ -9,6 +9,7 @@ as packed GGUF with slow fp32 kernels); later loads read that cache in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,21 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def cpu_description() -> str:
+    """The CPU's model name, core count and bf16 matmul unit (AMX, AVX512-BF16 or none), for benchmark headers:
+    throughput differs several-fold between hosts with and without AMX, so a figure means little without it."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    unit = (
+        "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no native bf16"
+    )
+    return f"{fields.get('model name', platform.machine())}, {os.cpu_count()} cores, {unit}"
 
 
 def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> Any:

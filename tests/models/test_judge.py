@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from models.judge import LabelTokenScorer, length_buckets, pad_left, scores_from_logits
-from models.loading import load_causal_lm, resolve_dtype
+from models.loading import cpu_description, cpu_supports_bf16, load_causal_lm, resolve_dtype
 from models.prompts import BASIC, UMBRELA, FewShotExample, PromptTemplate, grade_token_ids
 
 QUERIES = ["what is the town", "who is the ceo", "where does the species live", "what river", "how"]
@@ -85,6 +87,14 @@ def test_dtype_resolution():
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError):
         resolve_dtype("int3")
+
+
+def test_cpu_description_names_the_bf16_unit_auto_dtype_relies_on():
+    desc = cpu_description()
+    assert f"{os.cpu_count()} cores" in desc
+    native = "AMX-BF16" in desc or "AVX512-BF16" in desc
+    assert native == cpu_supports_bf16()
+    assert (resolve_dtype("auto", "cpu") == torch.bfloat16) == native
 
 
 @pytest.mark.slow
