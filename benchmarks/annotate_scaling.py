@@ -5,16 +5,17 @@ input grows, and 1 vs 2 judge actors. One table; every row measured in this run,
     loop (one process, 2 threads, the same LabelTokenScorer reading the same Parquet in chunks), on the Gemma 3
     270M default over real TREC DL 2019 pairs, and on a tiny random model over 1,000,000 synthetic pairs;
     wall time includes loading the model in both.
-(b) peak memory of the driver (RSS) and of the driver plus every Ray process it started (RSS, and private
-    memory USS, which leaves out the object store's shared pages: the store is bounded by its configured size),
-    sampled every 0.5 s, at 100k and 1M synthetic pairs (tiny model): streaming should keep it flat.
+(b) peak memory of the driver (RSS) and of the driver plus every Ray process it started: RSS, private memory
+    outside the object store ("private"), and the object-store pages the processes hold privately ("store":
+    bounded by the store's configured size, not by the input), sampled every 0.5 s, at 100k and 1M synthetic
+    pairs (tiny model): streaming should keep private memory flat.
 (c) 1 vs 2 actors on the Gemma pairs.
 Every pipeline run is checked against its input: pairs lost (neither judged nor rejected) and duplicated. The
 100k run also kills one judge actor (SIGKILL) a third of the way through.
 
 Last line: ``RESULT efficiency=.. mem_ratio_1m_vs_100k=.. lost=.. duplicated=..`` where efficiency is the
 pipeline's steady-state pairs/s over the plain loop's on the Gemma pairs at equal cores, and the memory ratio is
-that of the private memory of all processes.
+that of the private memory of all processes outside the object store.
 
     python benchmarks/annotate_scaling.py [--quick]
 """
@@ -97,15 +98,17 @@ def tiny_model() -> Path:
 
 class MemorySampler:
     """Peak memory of this process (RSS) and of this process plus all its descendants (Ray's GCS, raylet,
-    workers): RSS, and private memory (USS), which leaves out the shared object-store pages. The object store
-    is bounded by its configured size whatever the input; growth in private memory is what streaming must avoid.
+    workers): RSS, and private memory outside the object store. The object store is bounded by its configured
+    size whatever the input, but its pages count as a process's private memory (USS) while only that process
+    maps them: a worker that wrote a block into the store carries its pages until someone else reads them. So the
+    store's pages are counted apart (``store_peak``); growth in the rest is what streaming must avoid.
     """
 
     def __init__(self, every: float = 0.5):
         import psutil
 
         self.proc, self.every = psutil.Process(), every
-        self.driver_peak = self.total_peak = self.private_peak = 0
+        self.driver_peak = self.total_peak = self.private_peak = self.store_peak = 0
         self.by_kind: dict[str, float] = {}  # peak private memory per kind of process (summed over processes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -115,21 +118,22 @@ class MemorySampler:
 
         while not self._stop.is_set():
             try:
-                driver = self.proc.memory_info().rss
-                total, private = driver, self.proc.memory_full_info().uss
-                kinds: dict[str, float] = {"driver": private}
+                driver, private, store = _process_memory(self.proc.pid)
+                total, kinds = driver, {"driver": private}
                 for c in self.proc.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):  # a task worker that just exited
-                        total += c.memory_info().rss
-                        uss = c.memory_full_info().uss
-                        private += uss
+                    with contextlib.suppress(psutil.Error, OSError):  # a task worker that just exited
+                        rss, own, in_store = _process_memory(c.pid)
                         kind = _process_kind(c)
-                        kinds[kind] = kinds.get(kind, 0) + uss
+                        total, private, store = total + rss, private + own, store + in_store
+                        kinds[kind] = kinds.get(kind, 0) + own
                 for k, v in kinds.items():
                     self.by_kind[k] = max(self.by_kind.get(k, 0), v)
                 self.driver_peak, self.total_peak = max(self.driver_peak, driver), max(self.total_peak, total)
-                self.private_peak = max(self.private_peak, private)
-            except psutil.Error:
+                self.private_peak, self.store_peak = (
+                    max(self.private_peak, private),
+                    max(self.store_peak, store),
+                )
+            except (psutil.Error, OSError):
                 pass
             self._stop.wait(self.every)
 
@@ -142,14 +146,50 @@ class MemorySampler:
         self._thread.join()
 
 
+def _process_memory(pid: int) -> tuple[int, int, int]:
+    """(RSS, private bytes outside the object store, private bytes of object-store pages) of one process, all
+    from one read of its smaps (so the three agree); psutil's USS is the sum of the last two. Ray's store is a
+    file mapping named plasma* (in /dev/shm by default)."""
+    rss = own = store = 0
+    in_store = False
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            if line[:1] in b"0123456789abcdef" and b"-" in line.split(b" ", 1)[0]:  # a mapping's header line
+                in_store = b"/plasma" in line
+            elif line.startswith(b"Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                kb = int(line.split()[1]) * 1024
+                if in_store:
+                    store += kb
+                else:
+                    own += kb
+    return rss, own, store
+
+
+#: Ray's own per-node and per-dataset helpers, which run as workers too: none of them touches a pair
+RAY_HELPERS = (
+    "DashboardAgent",
+    "RuntimeEnvAgent",
+    "ActorLocationTracker",
+    "_StatsActor",
+    "_AutoscalingCoordinator",
+)
+
+
 def _process_kind(p) -> str:
-    """What a Ray process is, from its command line: gcs_server, raylet, a judge actor, a task worker, ..."""
+    """What a Ray process is, from its command line (Ray titles a worker after what it runs): gcs_server,
+    raylet, a judge actor, a read/write task worker, an idle worker kept for reuse, one of Ray's helpers, ..."""
     cmd = " ".join(p.cmdline())
-    for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+    for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py"):
         if key in cmd:
             return key
     if "MapWorker" in cmd:
         return "judge actors"
+    if any(h in cmd for h in RAY_HELPERS):
+        return "ray helpers"
+    if cmd.startswith("ray::IDLE"):
+        return "idle workers"
     if "default_worker" in cmd or cmd.startswith("ray::"):
         return "task workers"
     return p.name()
@@ -193,7 +233,7 @@ def measure(spec: dict) -> dict:
         end = time.perf_counter()
         return {"pairs": n, "wall_s": end - t0, "pairs_per_s": n / (end - t0), "steady": n / (end - t_loaded),
                 "driver_mb": mem.driver_peak / 2**20, "total_mb": mem.total_peak / 2**20,
-                "private_mb": mem.private_peak / 2**20}  # fmt: skip
+                "private_mb": mem.private_peak / 2**20, "store_mb": mem.store_peak / 2**20}  # fmt: skip
 
     from cluster.embedded import init_ray
     from pipelines.annotate import AnnotateConfig, plan_units, run
@@ -223,7 +263,7 @@ def measure(spec: dict) -> dict:
     return {"pairs": got.num_rows, "wall_s": wall, "pairs_per_s": got.num_rows / wall,
             "steady": result.extra["steady_pairs_per_s"] or float("nan"),
             "driver_mb": mem.driver_peak / 2**20, "total_mb": mem.total_peak / 2**20,
-            "private_mb": mem.private_peak / 2**20,
+            "private_mb": mem.private_peak / 2**20, "store_mb": mem.store_peak / 2**20,
             "private_mb_by_process": {k: round(v / 2**20) for k, v in mem.by_kind.items()},
             "lost": len(in_keys - set(out_keys)) - rejected, "duplicated": len(out_keys) - len(set(out_keys)),
             "killed_actors": len(killed)}  # fmt: skip
@@ -280,7 +320,7 @@ def main() -> None:
         print(f"  done: {r['name']} ({r['wall_s']:.0f}s)", file=sys.stderr, flush=True)
 
     by = {r["name"]: r for r in rows}
-    head = (f"{'run':<44} {'pairs':>9} {'wall s':>8} {'pairs/s':>9} {'steady/s':>9} {'driver MB':>10} {'all RSS':>8} {'all USS':>8} "
+    head = (f"{'run':<44} {'pairs':>9} {'wall s':>8} {'pairs/s':>9} {'steady/s':>9} {'driver MB':>10} {'all RSS':>8} {'private':>8} {'store':>6} "
             f"{'lost':>5} {'dup':>4}")  # fmt: skip
     from models.loading import cpu_description
 
@@ -289,7 +329,7 @@ def main() -> None:
     print("-" * len(head))
     for r in rows:
         print(f"{r['name']:<44} {r['pairs']:>9,} {r['wall_s']:>8.1f} {r['pairs_per_s']:>9.1f} {r['steady']:>9.1f} "
-              f"{r['driver_mb']:>10.0f} {r['total_mb']:>8.0f} {r['private_mb']:>8.0f} "
+              f"{r['driver_mb']:>10.0f} {r['total_mb']:>8.0f} {r['private_mb']:>8.0f} {r.get('store_mb', 0):>6.0f} "
               f"{r.get('lost', '-'):>5} {r.get('duplicated', '-'):>4}")  # fmt: skip
     plain, pipe2, pipe1 = (by["gemma plain, 2 threads"], by["gemma pipeline, 2 actors x 1 thread"],
                            by["gemma pipeline, 1 actor x 1 thread"])  # fmt: skip
@@ -307,10 +347,17 @@ def main() -> None:
     print(f"gemma: pipeline / plain at 2 cores, steady state = {efficiency:.2f} (with start-up: "
           f"{pipe2['pairs_per_s'] / plain['pairs_per_s']:.2f}); 2 actors / 1 actor = "
           f"{pipe2['steady'] / pipe1['steady']:.2f}")  # fmt: skip
+    with_store = (large_r["private_mb"] + large_r["store_mb"]) / (small_r["private_mb"] + small_r["store_mb"])
     print(f"tiny: pipeline / plain at 2 cores, steady state = {large_r['steady'] / tiny_plain['steady']:.2f}; "
-          f"peak memory {n_large:,} vs {n_small:,} pairs: driver {large_r['driver_mb'] / small_r['driver_mb']:.2f}x, "
-          f"all processes {large_r['total_mb'] / small_r['total_mb']:.2f}x RSS (object-store pages included), "
-          f"{mem_ratio:.2f}x private (USS); actors killed in the fault run: {fault_r['killed_actors']}")  # fmt: skip
+          f"actors killed in the fault run: {fault_r['killed_actors']}")  # fmt: skip
+    print(f"peak memory {n_large:,} vs {n_small:,} pairs: driver {large_r['driver_mb'] / small_r['driver_mb']:.2f}x; "
+          f"all processes {large_r['total_mb'] / small_r['total_mb']:.2f}x RSS, {mem_ratio:.2f}x private outside the "
+          f"object store, {with_store:.2f}x with the store pages they hold ({small_r['store_mb']:.0f} -> "
+          f"{large_r['store_mb']:.0f} MB; the store is capped by its configured size)")  # fmt: skip
+    kinds = sorted(set(small_r["private_mb_by_process"]) | set(large_r["private_mb_by_process"]))
+    print("peak private memory by kind of process (MB, each kind's own peak): "
+          + ", ".join(f"{k} {small_r['private_mb_by_process'].get(k, 0):,} -> "
+                      f"{large_r['private_mb_by_process'].get(k, 0):,}" for k in kinds))  # fmt: skip
     print(
         f"RESULT efficiency={efficiency:.2f} mem_ratio_1m_vs_100k={mem_ratio:.2f} lost={lost} duplicated={dup}"
     )
