@@ -5,7 +5,7 @@ Rows, all on the same model and the same TREC DL 2019 pairs, measured side by si
 - naive: one pair at a time, fp32, the whole prompt through ``model.generate()``, then parse the digit;
 - scorer variants: one forward pass per batch reading the grade-token distribution, with and without the
   shared-prefix KV cache, in fp32 and in bf16 (where the CPU computes bf16 natively), and the default
-  with the decoder through ``torch.compile`` (its compile time printed, not counted).
+  with the decoder through ``torch.compile`` (its compile time printed, not counted; not with ``--quick``).
 
 FLOPs per pair are counted from the model's shapes (2 x multiply-adds of every linear layer per token, plus
 attention scores and values over the context); the machine's matmul peak is measured in the same dtype with
@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--naive-pairs", type=int, help="pairs for the naive generate row")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument(
-        "--no-compile", action="store_true", help="skip the torch.compile row (minutes to compile)"
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile row (minutes to compile; --quick skips it)",
     )
     args = ap.parse_args()
     n = args.pairs or (48 if args.quick else 400)
@@ -132,7 +134,7 @@ def main() -> None:
     lm = load_causal_lm(args.model, dtype=best_dtype, device="cpu")
     run(lm, f"scorer {best_dtype}, batch {args.batch_size}, no prefix cache", best_dtype, False)
     run(lm, f"scorer {best_dtype}, batch {args.batch_size}, prefix KV cache (default)", best_dtype, True)
-    if not args.no_compile:
+    if not (args.no_compile or args.quick):  # compiling alone takes 2-3 minutes
         run(lm, "  + torch.compile", best_dtype, True, compile=True)
 
     peak = {"fp32": matmul_peak(torch.float32)}
