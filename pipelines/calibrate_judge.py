@@ -145,7 +145,9 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
     from models.prompts import get_template
 
     cols = {c: table.column(c).to_pylist() for c in ("qid", "query", "text", "title", "url", "label")}
-    task = ray.remote(num_cpus=stack.num_cpus, num_gpus=stack.num_gpus)(fit_stack)
+    # max_calls=1: the worker exits with the models it loaded; Ray would otherwise keep it idle for reuse, and a
+    # later stage's small tasks (annotate's reads) would run in a process still holding ~800 MB
+    task = ray.remote(num_cpus=stack.num_cpus, num_gpus=stack.num_gpus, max_calls=1)(fit_stack)
     combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), **kw)))
     out.mkdir(parents=True, exist_ok=True)
     if is_judge_dir(judge):
