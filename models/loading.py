@@ -34,29 +34,33 @@ def model_cache_dir() -> Path:
     return augrel_home() / "models"
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is none: not Linux)."""
+    fields: dict[str, str] = {}
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_bf16_unit(fields: dict[str, str] | None = None) -> str | None:
+    """The CPU's native bf16 matmul unit, "AMX-BF16" or "AVX512-BF16", or None where bf16 is emulated (slow)."""
+    flags = (_cpuinfo() if fields is None else fields).get("flags", "").split()
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
 def cpu_supports_bf16() -> bool:
     """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere bf16 on CPU is emulated and slow."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+    return cpu_bf16_unit() is not None
 
 
 def cpu_description() -> str:
-    """The CPU's model name, core count and bf16 matmul unit (AMX, AVX512-BF16 or none), for benchmark headers:
-    throughput differs several-fold between hosts with and without AMX, so a figure means little without it."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    flags = fields.get("flags", "").split()
-    unit = (
-        "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no native bf16"
-    )
+    """The CPU's model name, core count and bf16 matmul unit, for benchmark headers: throughput differs
+    several-fold between hosts with and without AMX, so a figure means little without it."""
+    fields = _cpuinfo()
+    unit = cpu_bf16_unit(fields) or "no native bf16"
     return f"{fields.get('model name', platform.machine())}, {os.cpu_count()} cores, {unit}"
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.judge import LabelTokenScorer, length_buckets, pad_left, scores_from_logits
-from models.loading import cpu_description, cpu_supports_bf16, load_causal_lm, resolve_dtype
+from models.loading import cpu_bf16_unit, cpu_description, cpu_supports_bf16, load_causal_lm, resolve_dtype
 from models.prompts import BASIC, UMBRELA, FewShotExample, PromptTemplate, grade_token_ids
 
 QUERIES = ["what is the town", "who is the ceo", "where does the species live", "what river", "how"]
@@ -95,6 +95,9 @@ def test_cpu_description_names_the_bf16_unit_auto_dtype_relies_on():
     native = "AMX-BF16" in desc or "AVX512-BF16" in desc
     assert native == cpu_supports_bf16()
     assert (resolve_dtype("auto", "cpu") == torch.bfloat16) == native
+    assert cpu_bf16_unit({"flags": "avx2 avx512_bf16 amx_bf16 amx_tile"}) == "AMX-BF16"
+    assert cpu_bf16_unit({"flags": "avx2 avx512f avx512_bf16"}) == "AVX512-BF16"
+    assert cpu_bf16_unit({"flags": "avx2 avx512f"}) is None and cpu_bf16_unit({}) is None
 
 
 @pytest.mark.slow
