@@ -140,9 +140,7 @@ def main() -> None:
     def stacked(name: str, calib_llm, test_llm, use=tuple(stack.signals)):
         sig_c = pair_signals(calib_llm, cq, ct, GRADES, encoder, stack.signals)
         sig_t = pair_signals(test_llm, tq, tt, GRADES, encoder, stack.signals)
-        comb, _ = fit_stacked(
-            sig_c, ch, cqid, GRADES, use, stack.c, stack.folds, stack.select, stack.min_gain
-        )
+        comb, _ = fit_stacked(sig_c, ch, cqid, GRADES, use, **stack.selection())
         label, _, score = comb.grade(sig_t)
         rows.append(
             (

@@ -47,12 +47,23 @@ class StackSettings(BaseModel):
     min_gain: float = Field(
         0.005,
         ge=0,
-        description="kappa a signal must add to enter the selection (raise it for small calibration sets)",
+        description="kappa a signal must add to enter the selection, at the least",
+    )
+    min_gain_se: float = Field(
+        1.0,
+        ge=0,
+        description="and at least this many standard errors of the gain (paired bootstrap over the calibration "
+        "queries): the one-standard-error rule, so small calibration sets do not admit noise; 0 turns it off",
     )
     folds: int = Field(5, ge=2, description="query folds for selection and the cross-validated estimate")
     batch_size: int = Field(16, gt=0)
     num_cpus: float = Field(1, gt=0, description="CPUs of the scoring task")
     num_gpus: float = Field(0, ge=0, description="GPUs of the scoring task (1 on a GPU cluster)")
+
+    def selection(self) -> dict[str, Any]:
+        """``fit_stacked``'s selection arguments."""
+        return {"c": self.c, "folds": self.folds, "select": self.select, "min_gain": self.min_gain,
+                "min_gain_se": self.min_gain_se}  # fmt: skip
 
     @field_validator("signals")
     @classmethod
@@ -100,7 +111,7 @@ def fit_stack(
 
     from eval.agreement import agreement
     from models.judge_card import load_judge
-    from models.judge_ensemble import cross_validated_grades, fit_stacked, pair_signals
+    from models.judge_ensemble import cross_validated_grades, describe_selection, fit_stacked, pair_signals
 
     s = StackSettings.model_validate(stack)
     j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype)
@@ -113,9 +124,11 @@ def fit_stack(
         encoder = MeanPoolEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
     sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
     human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
-    combiner, path = fit_stacked(sig, human, qids, grades, s.signals, s.c, s.folds, s.select, s.min_gain, encoder=s.encoder,
+    combiner, path = fit_stacked(sig, human, qids, grades, s.signals, **s.selection(), encoder=s.encoder,
                                  encoder_dtype=s.encoder_dtype)  # fmt: skip
     use = combiner.signals
+    if path:
+        log.info("stack selection by query-fold CV kappa: %s", describe_selection(path))
     if not set(use) & {"llm_logp", "llm_score"}:
         log.warning("the LLM's signals did not raise the held-out kappa on the calibration pairs: the stacked "
                     "judge grades from %s alone and skips the LLM (a stronger base model is the lever)", use)  # fmt: skip

@@ -7,6 +7,8 @@ from models.judge_ensemble import (
     EnsembleScorer,
     GradeCombiner,
     cross_validated_grades,
+    describe_selection,
+    kappa_gain_se,
     pair_signals,
     query_folds,
     select_signals,
@@ -147,3 +149,38 @@ def test_stack_without_llm_signals_skips_the_llm_forward_pass(tiny_causal_lm):
     np.testing.assert_allclose(r.probs, comb.predict_proba(sig), atol=1e-6)
     np.testing.assert_array_equal(r.n_tokens, expected.n_tokens)
     np.testing.assert_array_equal(r.truncated, expected.truncated)
+
+
+def test_one_standard_error_rule_keeps_out_a_signal_that_fits_few_queries():
+    """On 6 calibration queries a noise signal can raise the fold kappa by chance; the SE rule needs the gain to
+    stand out from what resampling the queries alone produces, while the informative signal still enters."""
+    rng = np.random.default_rng(11)
+    n, kept_loose, kept_strict = 240, 0, 0
+    for rep in range(6):
+        sig, human, _ = _signals(n, seed=100 + rep)
+        sig["dense_cos"] = human * 0.2 + rng.normal(0, 0.25, n)  # a weak signal: kappa well below 1
+        qid = np.array([f"q{i % 6}" for i in range(n)])
+        loose, _ = select_signals(sig, human, qid, GRADES, min_gain=0.0, min_gain_se=0.0)
+        strict, path = select_signals(sig, human, qid, GRADES, min_gain=0.0, min_gain_se=1.0)
+        assert strict[0] == loose[0] == "dense_cos"
+        assert set(strict) <= set(loose)
+        kept_loose += len(loose) - 1
+        kept_strict += len(strict) - 1
+        if len(strict) < len(loose):
+            assert path[-1]["stopped"] in SIGNALS_NOISE and path[-1]["gain"] < path[-1]["needed"]
+            assert "stopped before" in describe_selection(path)
+    assert kept_strict < kept_loose
+
+
+SIGNALS_NOISE = {"llm_logp", "llm_score", "overlap", "doc_len"}
+
+
+def test_kappa_gain_se_is_zero_for_identical_labels_and_grows_with_disagreement():
+    rng = np.random.default_rng(0)
+    human = rng.integers(0, 4, 400)
+    qid = np.array([f"q{i % 20}" for i in range(400)])
+    assert kappa_gain_se(human, human, human, qid, GRADES) == 0.0
+    noisy = np.where(rng.random(400) < 0.5, rng.integers(0, 4, 400), human)
+    se = kappa_gain_se(human, human, noisy, qid, GRADES)
+    assert 0.01 < se < 0.2
+    assert np.isnan(kappa_gain_se(human, human, noisy, np.array(["q"] * 400), GRADES))
