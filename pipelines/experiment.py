@@ -29,13 +29,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.errors import DataError
-from pipelines.io import read_table, write_table
+from pipelines.io import write_table
 from pipelines.rank import (
     RankerSettings,
     RankTrainConfig,
     attach_judge,
     feature_matrix,
     fit_ranker,
+    read_features,
     split_queries,
 )
 from pipelines.stage import StageConfig, StageResult, Timer, write_stage_files
@@ -89,7 +90,7 @@ def augment(cfg: AugmentConfig) -> StageResult:
     out = Path(cfg.out)
     pct = round(100 * cfg.human_fraction)
     with Timer() as timer:
-        table = attach_judge(read_table(cfg.features), cfg.judgments)
+        table = attach_judge(read_features(cfg.features), cfg.judgments)
         qids = table.column("qid").to_pylist()
         qrels = qrels_from_labels(qids, table.column("docid").to_pylist(), table.column("label").to_pylist())
         fold_of = assign_folds(qids, cfg.folds, cfg.fold_seed)

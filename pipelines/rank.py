@@ -167,6 +167,13 @@ def human_mask(qids: list[str], has_label: np.ndarray, fraction: float, seed: in
     return keep
 
 
+def read_features(path: str) -> pa.Table:
+    """The features table in (qid, docid) order. The features stage writes rows in the order its actors finish,
+    which differs run to run; LambdaMART's query groups, its float sums and ``human_mask``'s draw all follow
+    row order, so without this the same features trained a different ranker each run."""
+    return read_table(path).sort_by([("qid", "ascending"), ("docid", "ascending")])
+
+
 def attach_judge(table: pa.Table, judgments: str | None) -> pa.Table:
     """Add judge_label / judge_score columns (null where the judge did not grade the pair)."""
     if judgments is None:
@@ -305,7 +312,7 @@ def split_queries(qids: list[str], val_fraction: float, seed: int) -> tuple[set[
 def train(cfg: RankTrainConfig) -> StageResult:
     out = Path(cfg.out)
     with Timer() as timer:
-        table = attach_judge(read_table(cfg.features), cfg.judgments)
+        table = attach_judge(read_features(cfg.features), cfg.judgments)
         train_q, val_q = split_queries(table.column("qid").to_pylist(), cfg.val_fraction, cfg.seed)
         ranker, info = fit_ranker(table, cfg, train_q, val_q)
         ranker.save(out, label_source=cfg.label_source, human_fraction=cfg.human_fraction,

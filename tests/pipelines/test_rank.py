@@ -112,6 +112,21 @@ def test_train_predict_eval_beat_chance(feature_table, synth_dataset, tmp_path):
     assert e.extra["vs_baseline"]["ndcg10"]["p_ttest"] < 0.01
 
 
+def test_row_order_of_the_features_table_does_not_change_the_ranker(feature_table, tmp_path):
+    """The features stage writes rows in the order its actors finish; the same features must train the same
+    ranker whatever that order (human_mask's draw and LambdaMART's groups follow row order)."""
+    out, _ = feature_table
+    t = read_table(out)
+    shuffled = t.take(pa.array(np.random.default_rng(5).permutation(t.num_rows)))
+    write_table(tmp_path / "shuffled", shuffled)
+    models = []
+    for name, src in (("a", str(out)), ("b", str(tmp_path / "shuffled"))):
+        train(RankTrainConfig(features=src, label_source="human", human_fraction=0.5, out=str(tmp_path / name),
+                              ranker={"min_data_in_leaf": 5, "n_estimators": 30}))  # fmt: skip
+        models.append((tmp_path / name / "model.txt").read_text())
+    assert models[0] == models[1]
+
+
 def test_nan_feature_is_named(feature_table, tmp_path):
     out, _ = feature_table
     t = read_table(out)
