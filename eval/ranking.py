@@ -1,8 +1,8 @@
 """Ranking metrics on ir_measures, per query, and paired significance between two runs (no Ray here).
 
-Measures: NDCG@10 and NDCG@100 on the graded labels; MRR@10 and Recall@100 with relevance >= 2 (TREC DL's rule
-for binary measures). Rule for queries: a query is scored only if the qrels give it at least one document with
-relevance >= ``min_rel`` (default 2): a query without a relevant document has no defined reciprocal rank or
+Measures: NDCG@10 and NDCG@100 on the graded labels; MRR@10 and Recall@100 with relevance >= ``min_rel``
+(default 2, TREC DL's rule for binary measures). Rule for queries: a query is scored only if the qrels give it at
+least one document with relevance >= ``min_rel``: a query without a relevant document has no defined reciprocal rank or
 recall, and counting it as 0 would blur the comparison between systems. A run's documents without a qrels
 entry count as non-relevant (ir_measures' convention).
 """
@@ -17,8 +17,21 @@ import numpy as np
 
 log = logging.getLogger("augrel")
 
-MEASURE_NAMES = ("nDCG@10", "nDCG@100", "RR(rel=2)@10", "R(rel=2)@100")
-SHORT = {"nDCG@10": "ndcg10", "nDCG@100": "ndcg100", "RR(rel=2)@10": "mrr10", "R(rel=2)@100": "recall100"}
+
+def measure_names(min_rel: int = 2) -> tuple[str, ...]:
+    """The reported measures in ir_measures' syntax, binary ones counting grade >= ``min_rel`` relevant."""
+    return ("nDCG@10", "nDCG@100", f"RR(rel={min_rel})@10", f"R(rel={min_rel})@100")
+
+
+MEASURE_NAMES = measure_names(2)
+_SHORT_STEM = {"nDCG": "ndcg", "RR": "mrr", "R": "recall"}
+
+
+def short_name(measure: str) -> str:
+    """``nDCG@10`` -> ``ndcg10``, ``RR(rel=1)@10`` -> ``mrr10``: the column names of metrics.json and tables."""
+    stem, _, cutoff = str(measure).partition("@")
+    return _SHORT_STEM.get(stem.split("(")[0], stem) + cutoff
+
 
 Qrels = Mapping[str, Mapping[str, int]]  # qid -> docid -> grade
 Run = Mapping[str, Mapping[str, float]]  # qid -> docid -> score
@@ -33,7 +46,7 @@ class RankingReport:
 
     def table(self) -> str:
         return (
-            "  ".join(f"{SHORT.get(m, m)} {v:.4f}" for m, v in self.mean.items())
+            "  ".join(f"{short_name(m)} {v:.4f}" for m, v in self.mean.items())
             + f"  ({self.n_queries} queries)"
         )
 
@@ -43,12 +56,13 @@ def scored_queries(qrels: Qrels, min_rel: int = 2) -> set[str]:
 
 
 def evaluate_run(
-    run: Run, qrels: Qrels, measures: Sequence[str] = MEASURE_NAMES, min_rel: int = 2
+    run: Run, qrels: Qrels, measures: Sequence[str] | None = None, min_rel: int = 2
 ) -> RankingReport:
-    """Per-query and mean values of ``measures`` over the queries that have a relevant document."""
+    """Per-query and mean values of ``measures`` (default ``measure_names(min_rel)``) over the queries that have
+    a document of grade >= ``min_rel``."""
     import ir_measures
 
-    parsed = [ir_measures.parse_measure(m) for m in measures]
+    parsed = [ir_measures.parse_measure(m) for m in (measures or measure_names(min_rel))]
     scored = scored_queries(qrels, min_rel)
     in_run = set(run)
     excluded = {"queries_without_relevant": len(set(qrels) - scored),

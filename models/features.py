@@ -74,12 +74,15 @@ class PairFeaturizer:
         self._query_vec: dict[str, np.ndarray] = {}
 
     def _query_vectors(self, queries: Sequence[str]) -> np.ndarray:
-        new = list(dict.fromkeys(q for q in queries if q not in self._query_vec))
+        batch = {q: self._query_vec[q] for q in dict.fromkeys(queries) if q in self._query_vec}
+        new = [q for q in dict.fromkeys(queries) if q not in batch]
         if new:
+            batch.update(zip(new, self.encoder.encode(new), strict=True))
+            # the batch's vectors are taken from `batch`, so emptying a full cache never loses one of them
             if len(self._query_vec) + len(new) > self.query_cache:
                 self._query_vec.clear()
-            self._query_vec.update(zip(new, self.encoder.encode(new), strict=True))
-        return np.stack([self._query_vec[q] for q in queries])
+            self._query_vec.update((q, batch[q]) for q in new)
+        return np.stack([batch[q] for q in queries])
 
     def __call__(self, queries: Sequence[str], texts: Sequence[str | None], docids: Sequence[str] | None = None,
                  titles: Sequence[str | None] | None = None,

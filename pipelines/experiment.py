@@ -81,7 +81,7 @@ def _per_query(table: pa.Table, rows: np.ndarray, scores: np.ndarray, qrels) -> 
 
 
 def augment(cfg: AugmentConfig) -> StageResult:
-    from eval.ranking import SHORT, bootstrap_ci, paired_compare, qrels_from_labels
+    from eval.ranking import bootstrap_ci, paired_compare, qrels_from_labels, short_name
     from pipelines.data import assign_folds
 
     unknown = [m for m in cfg.methods if m not in METHODS]
@@ -140,18 +140,18 @@ def augment(cfg: AugmentConfig) -> StageResult:
             summary[m] = {"name": METHODS[m].format(pct=pct)}
             for measure in measures:
                 v = averaged[m][measure]
-                summary[m][SHORT[measure]] = float(np.mean(list(v.values())))
-                summary[m][SHORT[measure] + "_ci95"] = bootstrap_ci(v.values())
+                summary[m][short_name(measure)] = float(np.mean(list(v.values())))
+                summary[m][short_name(measure) + "_ci95"] = bootstrap_ci(v.values())
         for m in cfg.methods:
             for measure in measures:
                 if "h20" in averaged and m != "h20":
                     c = paired_compare(averaged["h20"][measure], averaged[m][measure], measure)
-                    summary[m][SHORT[measure] + "_vs_h20_p"] = c.p_ttest
+                    summary[m][short_name(measure) + "_vs_h20_p"] = c.p_ttest
             qs = sorted(averaged[m][measures[0]])
             per_query_rows["method"] += [m] * len(qs)
             per_query_rows["qid"] += qs
             for measure in measures:
-                per_query_rows.setdefault(SHORT[measure], []).extend(averaged[m][measure][q] for q in qs)
+                per_query_rows.setdefault(short_name(measure), []).extend(averaged[m][measure][q] for q in qs)
         n_queries = len(averaged[cfg.methods[0]][measures[0]])
         out.mkdir(parents=True, exist_ok=True)
         write_table(out / "per_query", pa.table(per_query_rows))

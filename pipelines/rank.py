@@ -417,7 +417,7 @@ def _run_dict(path: str) -> dict[str, dict[str, float]]:
 
 
 def evaluate(cfg: RankEvalConfig) -> StageResult:
-    from eval.ranking import SHORT, evaluate_run, paired_compare, qrels_from_labels
+    from eval.ranking import evaluate_run, paired_compare, qrels_from_labels, short_name
     from pipelines.judge import read_qrels
 
     out = Path(cfg.out)
@@ -426,16 +426,16 @@ def evaluate(cfg: RankEvalConfig) -> StageResult:
         qrels = qrels_from_labels(q.column("qid").to_pylist(), q.column("docid").to_pylist(),
                                   q.column("label").to_pylist())  # fmt: skip
         report = evaluate_run(_run_dict(cfg.run), qrels, min_rel=cfg.min_rel)
-        result: dict[str, Any] = {"mean": {SHORT[m]: v for m, v in report.mean.items()},
+        result: dict[str, Any] = {"mean": {short_name(m): v for m, v in report.mean.items()},
                                   "n_queries": report.n_queries, "excluded": report.excluded}  # fmt: skip
         if cfg.baseline:
             base = evaluate_run(_run_dict(cfg.baseline), qrels, min_rel=cfg.min_rel)
-            result["vs_baseline"] = {SHORT[m]: paired_compare(base.per_query[m], report.per_query[m], m).__dict__
+            result["vs_baseline"] = {short_name(m): paired_compare(base.per_query[m], report.per_query[m], m).__dict__
                                      for m in report.per_query}  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list) + "\n")
         qids = sorted(next(iter(report.per_query.values())))
-        write_table(out / "per_query", pa.table({"qid": qids, **{SHORT[m]: [v[x] for x in qids]
+        write_table(out / "per_query", pa.table({"qid": qids, **{short_name(m): [v[x] for x in qids]
                                                                  for m, v in report.per_query.items()}}))  # fmt: skip
     return write_stage_files(out, "rank.eval", cfg, {"queries": report.n_queries}, [cfg.run, cfg.qrels],
                              timer.seconds, result)  # fmt: skip

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from eval.ranking import evaluate_run, paired_compare
+from eval.ranking import evaluate_run, paired_compare, short_name
 
 QRELS = {"q1": {"d1": 3, "d2": 1, "d3": 0}, "q2": {"d4": 1, "d5": 0}, "q3": {"d6": 2, "d7": 0}}
 
@@ -27,6 +27,20 @@ def test_metrics_match_hand_computation():
     assert "q2" not in r.per_query["nDCG@10"] and r.n_queries == 2
     assert r.excluded["queries_without_relevant"] == 1
     assert r.mean["RR(rel=2)@10"] == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_min_rel_sets_both_the_scored_queries_and_the_binary_measures():
+    run = {
+        "q1": {"d2": 3.0, "d1": 2.0, "d3": 1.0},
+        "q2": {"d4": 1.0, "d5": 0.5},
+        "q3": {"d7": 2.0, "d6": 1.0},
+    }
+    r = evaluate_run(run, QRELS, min_rel=1)
+    assert r.n_queries == 3
+    assert [short_name(m) for m in r.mean] == ["ndcg10", "ndcg100", "mrr10", "recall100"]
+    rr = r.per_query["RR@10"]  # ir_measures' name for RR(rel=1)@10
+    assert rr["q2"] == pytest.approx(1.0)  # q2's grade-1 d4 at rank 1 counts (with rel=2 it would be 0)
+    assert rr["q1"] == pytest.approx(1.0)  # d2 (grade 1) first
 
 
 def test_judged_query_missing_from_run_scores_zero_and_is_counted(caplog):

@@ -58,3 +58,24 @@ def test_lexical_features():
     )
     assert f["query_len"].tolist() == [4, 0] and f["overlap"][0] == pytest.approx(0.75)
     assert f["title_overlap"][0] == pytest.approx(0.25) and f["doc_len"][1] == 0
+
+
+def test_query_vector_cache_overflow_keeps_the_batch_queries():
+    """A full cache is emptied when new queries arrive; queries of the same batch cached before must survive."""
+    from models.features import PairFeaturizer
+
+    class CountingEncoder:
+        def __init__(self):
+            self.calls: list[list[str]] = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+    enc = CountingEncoder()
+    f = PairFeaturizer(None, enc, query_cache=2)
+    f._query_vectors(["a", "bb"])
+    v = f._query_vectors(["a", "ccc", "a"])
+    assert v[:, 0].tolist() == [1.0, 3.0, 1.0]
+    assert enc.calls == [["a", "bb"], ["ccc"]]
+    assert set(f._query_vec) <= {"a", "ccc"}
