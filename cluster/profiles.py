@@ -6,7 +6,6 @@ defaults from it, and a config value always wins over the profile.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -89,12 +88,7 @@ def deepspeed_names() -> list[str]:
     return sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
 
 
-def deepspeed_config(name_or_path: str = "zero2", **fill: Any) -> dict[str, Any]:
-    """A DeepSpeed config with its ``"auto"`` values filled from ``fill``.
-
-    ``fill`` keys are top-level keys (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``)
-    or ``bf16`` (a bool for ``bf16.enabled``). An ``"auto"`` left unfilled is an error, not a silent default.
-    """
+def _deepspeed_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         path = DEEPSPEED_DIR / f"{name_or_path}.json"
@@ -102,8 +96,23 @@ def deepspeed_config(name_or_path: str = "zero2", **fill: Any) -> dict[str, Any]
         raise ConfigError(
             f"unknown DeepSpeed config {name_or_path!r} (known: {', '.join(deepspeed_names())})"
         )
+    return path
+
+
+def zero_stage(name_or_path: str) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without ``zero_optimization``)."""
+    cfg = json.loads(_deepspeed_path(name_or_path).read_text())
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_config(name_or_path: str = "zero2", **fill: Any) -> dict[str, Any]:
+    """A DeepSpeed config with its ``"auto"`` values filled from ``fill``.
+
+    ``fill`` keys are top-level keys (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``)
+    or ``bf16`` (a bool for ``bf16.enabled``). An ``"auto"`` left unfilled is an error, not a silent default.
+    """
+    path = _deepspeed_path(name_or_path)
     cfg = json.loads(path.read_text())
-    cfg = copy.deepcopy(cfg)
     for key, value in fill.items():
         if key == "bf16":
             cfg.setdefault("bf16", {})["enabled"] = bool(value)

@@ -4,7 +4,8 @@
 distribution at the answer position, restricted to the grade tokens ("0".."3"), and returns
 
 - ``probs``: the distribution over grades (softmax over the grade tokens' logits; sums to 1),
-- ``label``: its argmax,
+- ``label``: its argmax, or, given ``cutpoints`` (tuned for kappa on validation, as ``judge finetune`` stores them
+  in the judge card), the grade whose interval holds the expected grade,
 - ``score``: the expected grade, sum_g g * p(g) (a finer signal than the label: Zhuang et al., NAACL 2024).
 
 No ``generate`` and no text parsing. Speed comes from doing only the work the answer needs:
@@ -36,7 +37,7 @@ DEFAULT_GRADES = (0, 1, 2, 3)
 class Scores:
     """Scores for n pairs, in input order."""
 
-    label: np.ndarray  # (n,) int8, argmax grade
+    label: np.ndarray  # (n,) int8, argmax grade (or cut-points on score)
     probs: np.ndarray  # (n, G) float32, one probability per grade
     score: np.ndarray  # (n,) float32, expected grade
     truncated: np.ndarray  # (n,) bool, the passage was cut to max_doc_tokens
@@ -197,9 +198,13 @@ class LabelTokenScorer:
         template: the prompt (see ``models.prompts``).
         grades: the grade values, in the order of ``probs``' columns.
         batch_size: pairs per forward pass.
-        max_batch_tokens: optional cap on batch_size x longest sequence (memory bound for long passages).
-        prefix_cache: reuse the shared instruction prefix's KV cache across pairs (identical results,
-            less compute); falls back to the plain path for models whose cache cannot be reused.
+        max_batch_tokens: optional cap on batch_size x longest sequence, prefix included (memory bound for long
+            passages).
+        prefix_cache: reuse the shared instruction prefix's KV cache across pairs (identical results, less
+            compute; needs a model whose ``past_key_values`` is a transformers ``Cache``, as every decoder in
+            transformers >= 4.56 returns; turn it off for a model that does not).
+        cutpoints: G-1 increasing thresholds on the expected grade; when given, ``label`` comes from them
+            instead of the argmax (a judge trained on the natural grade mix has an argmax of 0 for most pairs).
         compile: run the decoder through ``torch.compile(dynamic=True)``: fuses the elementwise work (norms,
             GELU gating, rotary, dtype casts: about 45% of a bf16 CPU profile) at the cost of a one-off
             compilation (about two minutes on 2 cores); worth it for long annotation jobs, not for a few pairs.
@@ -215,7 +220,15 @@ class LabelTokenScorer:
         max_batch_tokens: int | None = None,
         prefix_cache: bool = True,
         compile: bool = False,
+        cutpoints: Sequence[float] | None = None,
     ):
+        if cutpoints is not None and (
+            len(cutpoints) != len(grades) - 1 or any(np.diff(np.asarray(cutpoints, dtype=float)) < 0)
+        ):
+            raise ValueError(
+                f"cutpoints: need {len(grades) - 1} non-decreasing values, got {list(cutpoints)}"
+            )
+        self.cutpoints = None if cutpoints is None else [float(c) for c in cutpoints]
         self.model = model
         self.encoder = PairEncoder(tokenizer, template, grades)
         self.grades = tuple(grades)
@@ -278,10 +291,15 @@ class LabelTokenScorer:
         n = len(encoded)
         logits = torch.empty((n, len(self.grades)), dtype=torch.float32)
         lengths = [len(e.ids) for e in encoded]
-        for idx in length_buckets(lengths, self.batch_size, self.max_batch_tokens):
+        prefix_len = len(self.encoder.prefix_ids)
+        # the prefix counts toward the token cap: the plain path runs it per row, the cached path attends to it
+        for idx in length_buckets([prefix_len + x for x in lengths], self.batch_size, self.max_batch_tokens):
             logits[torch.as_tensor(idx)] = self.grade_logits([encoded[i].ids for i in idx], use_prefix_cache)
         label, probs, score = scores_from_logits(logits, self.grades)
-        prefix_len = len(self.encoder.prefix_ids)
+        if self.cutpoints is not None:
+            from eval.agreement import grades_from_cutpoints
+
+            label = grades_from_cutpoints(score, self.cutpoints, self.grades).astype(np.int8)
         return Scores(
             label=label,
             probs=probs,

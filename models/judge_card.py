@@ -38,7 +38,8 @@ class JudgeCard:
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-    #: cut-points on the expected grade tuned for kappa on validation (None: use the argmax label)
+    #: cut-points on the expected grade tuned for kappa on validation; the judge's labels come from them when it
+    #: has no combiner (None: the argmax label)
     cutpoints: list[float] | None = None
     #: the stacked judge's combiner file in this directory (``models.judge_ensemble``), None: the LLM alone
     combiner: str | None = None
@@ -80,10 +81,11 @@ class LoadedJudge:
         )
 
     def scorer(self, batch_size: int = 16, **kw: Any) -> LabelTokenScorer | EnsembleScorer:
-        """The judge as its card defines it: the LLM, or the LLM stacked with its combiner's signals."""
-        llm = self.llm_scorer(batch_size, **kw)
+        """The judge as its card defines it: the LLM (labels from the card's cut-points when it has them), or
+        the LLM stacked with its combiner's signals (the combiner has cut-points of its own)."""
         if not self.card.combiner or self.path is None:
-            return llm
+            return self.llm_scorer(batch_size, cutpoints=self.card.cutpoints, **kw)
+        llm = self.llm_scorer(batch_size, **kw)
         combiner = GradeCombiner.load(self.path / self.card.combiner)
         encoder = None
         if combiner.needs_encoder:

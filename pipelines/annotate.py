@@ -154,7 +154,7 @@ def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[st
 
 
 def judge_fingerprint(judge: str) -> dict[str, Any]:
-    """What identifies a judge: its card (base model, prompt version, grades), its adapter's and its stack
+    """What identifies a judge: its card (base model, prompt version, cut-points), its adapter's and its stack
     combiner's bytes (a judge re-calibrated in place grades differently)."""
     from models.judge_card import CARD, is_judge_dir
 
@@ -168,7 +168,8 @@ def judge_fingerprint(judge: str) -> dict[str, Any]:
     combiner = Path(judge) / card["combiner"] if card.get("combiner") else None
     return {"judge": str(Path(judge).resolve()), "base_model": card["base_model"],
             "prompt_version": card["prompt_version"], "adapter_sha256": digest.hexdigest()[:16],
-            "combiner_sha256": hashlib.sha256(combiner.read_bytes()).hexdigest()[:16] if combiner else None}  # fmt: skip
+            "combiner_sha256": hashlib.sha256(combiner.read_bytes()).hexdigest()[:16] if combiner else None,
+            "cutpoints": card.get("cutpoints")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- read
@@ -513,6 +514,9 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "judge": cfg.judge,
+            # explicit: Ray 2.60 leaves CUDA_VISIBLE_DEVICES set for an actor that asked for no GPU, and
+            # "auto" would put a CPU actor's judge on a GPU reserved by others
+            "device": "cuda" if res.num_gpus else "cpu",
             "template": cfg.template,
             "max_doc_tokens": cfg.max_doc_tokens,
             "dtype": cfg.dtype,

@@ -102,6 +102,7 @@ def fit_stack(
     template: str = "umbrela-v1",
     max_doc_tokens: int = 256,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Score ``pairs`` (columns qid, query, text, title, url, label) with ``judge``'s LLM, fit the combiner.
 
@@ -114,7 +115,7 @@ def fit_stack(
     from models.judge_ensemble import cross_validated_grades, describe_selection, fit_stacked, pair_signals
 
     s = StackSettings.model_validate(stack)
-    j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype)
+    j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device)
     grades = list(j.card.grades)
     llm = j.llm_scorer(s.batch_size).score(pairs["query"], pairs["text"], pairs["title"], pairs["url"])
     encoder = None
@@ -161,7 +162,9 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
     # max_calls=1: the worker exits with the models it loaded; Ray would otherwise keep it idle for reuse, and a
     # later stage's small tasks (annotate's reads) would run in a process still holding ~800 MB
     task = ray.remote(num_cpus=stack.num_cpus, num_gpus=stack.num_gpus, max_calls=1)(fit_stack)
-    combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), **kw)))
+    # the device follows the task's GPUs: a task that asked for none still sees every GPU under Ray 2.60
+    device = "cuda" if stack.num_gpus else "cpu"
+    combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), device=device, **kw)))
     out.mkdir(parents=True, exist_ok=True)
     if is_judge_dir(judge):
         card = JudgeCard.load(judge)

@@ -117,6 +117,17 @@ class FinetuneConfig(StageConfig):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("num_workers")
+    @classmethod
+    def _batch_splits_evenly(cls, v: int, info: Any) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % v:
+            raise ValueError(
+                f"batch_size ({batch}) must be a multiple of num_workers ({v}): each worker takes "
+                f"batch_size / num_workers pairs per step"
+            )
+        return v
+
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -183,6 +194,14 @@ def split_pools(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table]:
         val_q = pa.array([q for q, s in split.items() if s == "val"], pa.string())
         in_val = pc.is_in(pool.column("qid"), value_set=val_q)
         val_pool, pool = pool.filter(in_val), pool.filter(pc.invert(in_val))
+    for name, t in (("training", pool), ("validation", val_pool)):
+        if t.num_rows == 0:
+            raise DataError(f"no {name} pairs left after splitting {cfg.train} by query (val: {cfg.val})")
+        extra = sorted(set(t.column("label").to_pylist()) - set(cfg.grades))
+        if extra:
+            raise ConfigError(
+                f"grades: the {name} pairs have label(s) {extra}, not among grades {cfg.grades}"
+            )
     return pool, val_pool
 
 
@@ -220,6 +239,23 @@ def sample_train_val(
 # ------------------------------------------------------------------------------------ worker loop
 
 
+#: config fields that do not change what is trained
+_NOT_TRAINING = {"out", "resume", "storage_path", "max_failures", "stack"}
+
+
+def training_fingerprint(cfg: FinetuneConfig, train: pa.Table, val: pa.Table, model_path: str) -> str:
+    """12 hex digits over the training settings, the base model and the sampled pairs (Ray Train's run name)."""
+    import hashlib
+
+    h = hashlib.sha256(
+        json.dumps(cfg.model_dump(mode="json", exclude=_NOT_TRAINING), sort_keys=True).encode()
+    )
+    h.update(str(model_path).encode())
+    for t in (train, val):
+        h.update(json.dumps(t.select(["qid", "docid", "label"]).to_pydict(), default=str).encode())
+    return h.hexdigest()[:12]
+
+
 def _rows(t: pa.Table) -> list[dict[str, Any]]:
     return t.select(["qid", "query", "text", "title", "url", "label"]).to_pylist()
 
@@ -232,10 +268,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
-    from cluster.profiles import deepspeed_config
+    from cluster.profiles import deepspeed_config, zero_stage
     from eval.agreement import agreement, cohen_kappa, grades_from_cutpoints, tune_cutpoints
     from models.judge import GradeHead, LabelTokenScorer, PairEncoder, pad_left
-    from models.loading import load_causal_lm
+    from models.loading import load_causal_lm, resolve_dtype
     from models.losses import GradeTokenCrossEntropy
     from models.prompts import get_template
 
@@ -247,7 +283,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"
 
-    lm = load_causal_lm(config["model_path"], dtype=cfg.dtype, device=device)
+    # Under ZeRO-3 DeepSpeed partitions the weights itself (to GPUs, or to CPU with offload): loading the whole
+    # model onto each GPU first would need the memory ZeRO-3 is there to save. The dtype follows the device
+    # that trains, not the one that loads.
+    dtype = "bf16" if resolve_dtype(cfg.dtype, device) == torch.bfloat16 else "fp32"
+    lm = load_causal_lm(
+        config["model_path"], dtype=dtype, device="cpu" if zero_stage(cfg.deepspeed) == 3 else device
+    )
     bf16 = lm.dtype == torch.bfloat16
     template = get_template(cfg.template).with_limits(cfg.max_doc_tokens, cfg.max_query_tokens)
     encoder = PairEncoder(lm.tokenizer, template, cfg.grades)
@@ -258,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = get_peft_model(lm.model, lora)
 
     train_rows, val_rows = config["train"], config["val"]
-    micro = max(1, cfg.batch_size // world)
+    micro = cfg.batch_size // world  # FinetuneConfig checks batch_size is a multiple of num_workers
     steps_per_epoch = max(1, len(train_rows) // (micro * world))
     total_steps = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -282,13 +324,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grade_index = {g: i for i, g in enumerate(cfg.grades)}
     prefix = torch.tensor([encoder.prefix_ids], device=engine.device)
 
-    step, start_epoch, history = 0, 0, []
+    step, start_epoch, history, resumed_from = 0, 0, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt")
+            # the checkpoint holds the LoRA weights and optimizer state only (the base model is frozen)
+            engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", load_module_strict=False)
             state = json.loads(Path(d, "state.json").read_text())
             step, history = state["step"], state["history"]
+            resumed_from = [*state.get("resumed_from", []), step]
         start_epoch = step // steps_per_epoch
         if rank == 0:
             print(f"resumed from step {step}", flush=True)
@@ -364,6 +408,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
+            if config.get("fault_exit_at_step") == step and rank == world - 1 and not ckpt:
+                # A worker dies on the first attempt (tests recovery from the last checkpoint). The wait lets
+                # Ray Train's controller poll the previous step's report first, as it would between real
+                # steps: a report made a few ms before a death can be lost, and the restart go back further.
+                time.sleep(3)
+                os._exit(1)
             losses.append(float(loss.detach()))
             if step % eval_every == 0 or step == total_steps:
                 metrics = evaluate()
@@ -374,7 +424,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 history.append(metrics)
                 losses = []
                 with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
+                    # frozen base weights stay out: for a 9B judge they are ~18 GB per checkpoint, unchanged
+                    engine.save_checkpoint(
+                        os.path.join(tmp, "deepspeed"), tag="ckpt", exclude_frozen_parameters=True
+                    )
                     # Under ZeRO-3 the LoRA weights are partitioned across ranks: gather them (a collective,
                     # so every rank enters) before rank 0 writes the adapter.
                     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -383,7 +436,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         if rank == 0:
                             engine.module.save_pretrained(os.path.join(tmp, "adapter"))
                     if rank == 0:
-                        Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
+                        Path(tmp, "state.json").write_text(
+                            json.dumps({"step": step, "history": history, "resumed_from": resumed_from})
+                        )
                         Path(tmp, "val_scores.json").write_text(json.dumps(val_scores))
                         print(f"step {step}/{total_steps} loss {metrics['train_loss']:.4f} "
                               f"val kappa {metrics['val_kappa']:.3f} (cut-points {metrics['val_kappa_cut']:.3f}) "
@@ -425,7 +480,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             cfg.base_model
         )  # convert the offline GGUF once, before the workers start
         storage = Path(cfg.storage_path or out / "ray_train").resolve()
-        run_name = "finetune"
+        run_name = f"finetune-{training_fingerprint(cfg, train, val, model_path)}"
         run_config = RunConfig(
             name=run_name,
             storage_path=str(storage),
@@ -435,7 +490,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             ),
         )
         loop_config = {"cfg": cfg.model_dump(mode="json"), "model_path": model_path,
-                       "train": _rows(train), "val": _rows(val)}  # fmt: skip
+                       "train": _rows(train), "val": _rows(val),
+                       "fault_exit_at_step": int(os.environ.get("AUGREL_FINETUNE_FAULT_STEP", 0)) or None}  # fmt: skip
         scaling = ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -443,14 +499,20 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         )
         torch_config = TorchConfig(backend="nccl" if cfg.use_gpu else "gloo")
         # Ray Train resumes a run by name: a run under the same storage path and name starts from its latest
-        # checkpoint (a driver that was cut off, a machine that rebooted). resume=False starts afresh.
-        if not cfg.resume and (storage / run_name).exists():
-            shutil.rmtree(storage / run_name)
+        # checkpoint (a driver that was cut off, a machine that rebooted; a finished run is reused as it is).
+        # The name carries a fingerprint of everything that shapes the training, so a changed config or data
+        # never continues another run's checkpoint. resume=False starts afresh.
+        for old_run in storage.glob("finetune*"):
+            if old_run.is_dir() and (old_run.name != run_name or not cfg.resume):
+                log.info(
+                    "removing %s: %s",
+                    old_run,
+                    "resume=false" if old_run.name == run_name else "another config's run",
+                )
+                shutil.rmtree(old_run)
         trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                                torch_config=torch_config, run_config=run_config)  # fmt: skip
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        result = trainer.fit()  # raises once a failure exceeds max_failures
         best = max(result.best_checkpoints, key=lambda cm: _nan_low(cm[1].get("val_kappa_cut")))
         best_ckpt, best_metrics = best
         with best_ckpt.as_directory() as d:
@@ -458,7 +520,9 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                 shutil.rmtree(out / "adapter")
             shutil.copytree(Path(d) / "adapter", out / "adapter")
             val_scores = json.loads(Path(d, "val_scores.json").read_text())
-            history = json.loads(Path(d, "state.json").read_text())["history"]
+        with result.checkpoint.as_directory() as d:  # the latest: the whole history, not the best's prefix
+            state = json.loads(Path(d, "state.json").read_text())
+            history, resumed_from = state["history"], state.get("resumed_from", [])
         cut = tune_cutpoints(np.array(val_scores["score"]), np.array(val_scores["human"]), cfg.grades)
         template = get_template(cfg.template).with_limits(cfg.max_doc_tokens, cfg.max_query_tokens)
         metrics = {
@@ -469,7 +533,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             grades=cfg.grades, max_doc_tokens=cfg.max_doc_tokens, max_query_tokens=cfg.max_query_tokens,
             adapter="adapter", data=data_summary, metrics=metrics, cutpoints=cut,
             training={"lora": cfg.lora.model_dump(), "deepspeed": cfg.deepspeed, "num_workers": cfg.num_workers,
-                      "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "history": history},
+                      "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "history": history,
+                      "resumed_from_steps": resumed_from, "ray_train_run": str(storage / run_name)},
         )  # fmt: skip
         card.save(out)
         if cfg.stack is not None:

@@ -26,6 +26,29 @@ def test_probs_sum_to_one_label_is_argmax_score_is_expectation(tiny):
     np.testing.assert_allclose(r.score, r.probs @ np.arange(4), atol=1e-6)
 
 
+def test_cutpoints_give_the_label_from_the_expected_grade(tiny, tmp_path):
+    from eval.agreement import grades_from_cutpoints
+    from models.judge_card import JudgeCard, load_judge
+
+    plain = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=2).score(QUERIES, TEXTS)
+    cut = np.quantile(plain.score, [0.25, 0.5, 0.75]).tolist()
+    r = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=2, cutpoints=cut).score(
+        QUERIES, TEXTS
+    )
+    np.testing.assert_array_equal(r.label, grades_from_cutpoints(plain.score, cut, [0, 1, 2, 3]))
+    np.testing.assert_allclose(r.probs, plain.probs, atol=1e-6)
+    assert len(set(r.label.tolist())) > 1
+    with pytest.raises(ValueError, match="cutpoints: need 3"):
+        LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, cutpoints=[0.5, 1.5])
+    # a judge directory whose card carries cut-points grades with them; its llm_scorer keeps the argmax
+    JudgeCard(base_model=str(tiny.name), prompt_template=UMBRELA.name, prompt_version=UMBRELA.version,
+              adapter=None, max_doc_tokens=UMBRELA.max_doc_tokens, max_query_tokens=UMBRELA.max_query_tokens,
+              cutpoints=cut).save(tmp_path)  # fmt: skip
+    judge = load_judge(str(tmp_path), dtype="fp32", device="cpu")
+    np.testing.assert_array_equal(judge.scorer(2).score(QUERIES, TEXTS).label, r.label)
+    np.testing.assert_array_equal(judge.llm_scorer(2).score(QUERIES, TEXTS).label, plain.label)
+
+
 def test_prefix_cache_path_equals_plain_path(tiny):
     s = LabelTokenScorer(tiny.model, tiny.tokenizer, UMBRELA, batch_size=3)
     cached = s.score(QUERIES, TEXTS, use_prefix_cache=True)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,13 @@ from models.judge_card import JudgeCard, load_judge
 from models.judge_ensemble import EnsembleScorer
 from pipelines.calibrate_judge import StackSettings
 from pipelines.errors import ConfigError
-from pipelines.finetune_judge import FinetuneConfig, class_balanced_sample, finetune, sample_train_val
+from pipelines.finetune_judge import (
+    FinetuneConfig,
+    class_balanced_sample,
+    finetune,
+    sample_train_val,
+    split_pools,
+)
 from pipelines.stage import load_config
 
 
@@ -66,7 +73,7 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
     assert len(card.training["history"]) >= 1 and len(card.cutpoints) == 3
     assert r.counts == {"train_pairs": 16, "val_pairs": 8}
     # the merged adapter scores the validation pairs exactly as the training run did
-    ckpt_dir = sorted(p for p in (out / "ray_train" / "finetune").glob("checkpoint_*") if p.is_dir())
+    ckpt_dir = sorted(p for p in Path(card.training["ray_train_run"]).glob("checkpoint_*") if p.is_dir())
     best_step = card.metrics["step"]
     val_scores = None
     for d in ckpt_dir:
@@ -91,3 +98,41 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
     base_scores = base.score(val.column("query").to_pylist(), val.column("text").to_pylist(),
                              val.column("title").to_pylist(), val.column("url").to_pylist())  # fmt: skip
     assert np.abs(base_scores.score - scores.score).max() > 1e-4
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_a_finished_run_is_reused(
+    ray_session, tiny_causal_lm, synth_dataset, tmp_path, monkeypatch
+):
+    """FailureConfig: a worker process that dies (os._exit at step 2 of the first attempt, before step 2's
+    checkpoint) is replaced and training continues from step 1's checkpoint. The same config run again reuses
+    the finished run; a changed config starts its own run."""
+    out = tmp_path / "judge"
+    cfg = FinetuneConfig(base_model=str(tiny_causal_lm), train=[str(synth_dataset / "pairs")], out=str(out),
+                         n_train=16, n_val=8, batch_size=4, max_steps=3, eval_every=1, num_workers=2,
+                         dtype="fp32", lr=1e-2, max_failures=1, stack=None)  # fmt: skip
+    monkeypatch.setenv("AUGREL_FINETUNE_FAULT_STEP", "2")
+    finetune(cfg)
+    card = JudgeCard.load(out)
+    assert card.training["resumed_from_steps"] == [1]
+    assert [h["step"] for h in card.training["history"]] == [1, 2, 3]
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    monkeypatch.delenv("AUGREL_FINETUNE_FAULT_STEP")
+    finetune(cfg)  # the same config: the finished run is reused, nothing trains again
+    again = JudgeCard.load(out)
+    assert again.training["history"] == card.training["history"]
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    finetune(cfg.model_copy(update={"lr": 2e-2, "max_steps": 1}))  # another config: a run of its own
+    other = JudgeCard.load(out)
+    assert other.training["ray_train_run"] != card.training["ray_train_run"]
+    assert [h["step"] for h in other.training["history"]] == [1] and other.training[
+        "resumed_from_steps"
+    ] == []
+    assert not Path(card.training["ray_train_run"]).exists()
+
+
+def test_batch_size_must_split_over_the_workers_and_labels_must_be_grades(synth_dataset, tmp_path):
+    with pytest.raises(ConfigError, match=r"batch_size \(8\) must be a multiple of num_workers \(3\)"):
+        load_config(FinetuneConfig, None, ["num_workers=3"], train=["x"], out="o")
+    cfg = FinetuneConfig(train=[str(synth_dataset / "pairs")], out=str(tmp_path), grades=[0, 1])
+    with pytest.raises(ConfigError, match=r"grades: the training pairs have label\(s\) \[2, 3\]"):
+        split_pools(cfg)
