@@ -1,7 +1,8 @@
 """Resource profiles (cpu-small, gpu-1, gpu-8) and DeepSpeed configs, shipped with the package.
 
-A profile says how big actors, batches and trainers are on one kind of hardware; stages take their
-defaults from it, and a config value always wins over the profile.
+A profile says how big the annotation actor pool, its actors and their batches are on one kind of hardware
+(`augrel annotate --profile`); a config value always wins over the profile. The other stages size themselves
+in their own configs (configs/gpu-cluster.yaml: workers, GPUs, DeepSpeed, FAISS device).
 """
 
 from __future__ import annotations
@@ -25,17 +26,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RayResources(_Strict):
-    num_gpus: int = Field(0, ge=0)
-    object_store_fraction: float = Field(0.3, gt=0, le=0.8)
-
-
-class JudgeResources(_Strict):
-    dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(512, gt=0)
-
-
 class AnnotateResources(_Strict):
     concurrency: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = Field(1, gt=0)
@@ -46,25 +36,10 @@ class AnnotateResources(_Strict):
     )
 
 
-class TrainResources(_Strict):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(1, gt=0)
-    deepspeed: str = "zero2"
-
-
-class FaissResources(_Strict):
-    use_gpu: bool = False
-
-
 class ResourceProfile(_Strict):
     name: str
     description: str = ""
-    ray: RayResources = RayResources()
-    judge: JudgeResources = JudgeResources()
     annotate: AnnotateResources = AnnotateResources()
-    train: TrainResources = TrainResources()
-    faiss: FaissResources = FaissResources()
 
 
 def profile_names() -> list[str]:

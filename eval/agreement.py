@@ -8,6 +8,7 @@ queries (resampling whole queries, not pairs).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,8 +66,12 @@ def tune_cutpoints(
     whatever maximises kappa (forcing the mix itself lowers kappa: ../shared/notes/judge-levers.md, lever 1).
     """
     score, human = np.asarray(score, dtype=float), np.asarray(human)
+    grades = sorted(grades)
+    unknown = sorted(set(human.tolist()) - set(grades))
+    if unknown:
+        raise ValueError(f"human grades {unknown} are not among grades {grades}")
     if len(score) == 0:
-        return [g + 0.5 for g in grades[:-1]]
+        return [(a + b) / 2 for a, b in itertools.pairwise(grades)]
     # midpoints between neighbouring distinct quantiles, so a cut never sits on a score
     q = np.unique(np.quantile(score, np.linspace(0, 1, steps)))
     grid = np.unique(np.concatenate([(q[:-1] + q[1:]) / 2, [q[0] - 1e-6, q[-1] + 1e-6]]))
@@ -75,7 +80,7 @@ def tune_cutpoints(
     # Cohen's kappa from a bincount confusion matrix (what cohen_kappa_score computes, ~50x faster): this loop
     # evaluates a few hundred cut-point sets, and the stacked judge's signal selection calls it per fold.
     g = len(grades)
-    h_idx = np.searchsorted(np.asarray(grades), np.asarray(human))
+    h_idx = np.searchsorted(np.asarray(grades), human)  # exact: every human grade is in the sorted grades
 
     def kappa_of(trial: list[float]) -> float:
         j_idx = np.searchsorted(np.asarray(trial), score, side="right")
@@ -157,10 +162,15 @@ def agreement(
     seed: int = 0,
 ) -> AgreementReport:
     """Every agreement figure of the judge issue, with 95% bootstrap intervals over queries."""
+    if not (len(human) == len(label) == len(score) == len(qid)):
+        raise ValueError("human, label, score and qid must have the same length")
+    if len(human) == 0:
+        raise ValueError("no pairs to compare")
+    for name, v in (("human", human), ("label", label)):
+        if not np.isfinite(np.asarray(v, dtype=float)).all():
+            raise ValueError(f"{name}: grades must be finite numbers (found NaN or inf)")
     h, j = np.asarray(human, dtype=int), np.asarray(label, dtype=int)
     s, q = np.asarray(score, dtype=float), np.asarray(qid).astype(str)
-    if not (len(h) == len(j) == len(s) == len(q)):
-        raise ValueError("human, label, score and qid must have the same length")
     grades = list(grades)
     metrics = _point_metrics(h, j, s, q, grades)
     uniq = np.unique(q)

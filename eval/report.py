@@ -175,16 +175,23 @@ def ranking_section(run: Path) -> str:
     m = _json(run / "rank-eval" / "metrics.json")
     if m:
         rows = [[k, v] for k, v in m["mean"].items()]
+        meta = _json(run / "ranker" / "ranker.json") or {}
+        source = meta.get("label_source", "human")
+        frac = meta.get("human_fraction", 1.0)
+        labels = {"human": "human labels", "judge": "judge labels", "mix": "human labels where kept, judge labels elsewhere",
+                  "curriculum": "judge labels, then human labels"}.get(source, f"{source} labels")  # fmt: skip
+        kept = f" ({frac:.0%} of the human labels kept)" if source != "judge" and frac < 1 else ""
         out.append(
-            f"<p>LambdaMART on the training queries' human labels, scored on {m['n_queries']} test "
-            "queries against human labels:</p>"
+            f"<p>LambdaMART trained on the training queries' {html.escape(labels)}{kept}, scored on "
+            f"{m['n_queries']} test queries against human labels (run: <code>run-lambdamart</code>, baseline: "
+            "<code>run-bm25</code>):</p>"
         )
         out.append(_table(rows, ["measure", "mean"]))
         vs = m.get("vs_baseline") or {}
         if vs:
             out.append(_table([[c["measure"], c["mean_a"], c["mean_b"], c["diff"], _ci(c["ci95"]), c["p_ttest"]]
                                for c in vs.values()],
-                              ["measure", "BM25", "LambdaMART", "difference", "95% CI", "p (paired t)"]))  # fmt: skip
+                              ["measure", "baseline", "run", "difference", "95% CI", "p (paired t)"]))  # fmt: skip
         if (run / "ranker" / "importances.png").exists():
             out.append(_img(run / "ranker" / "importances.png", "ranker feature importances"))
     else:

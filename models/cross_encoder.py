@@ -46,7 +46,12 @@ class CrossEncoderGrader:
         self, queries, texts, labels, epochs: int = 2, batch_size: int = 16, lr: float = 3e-5, seed: int = 0
     ):
         """Cross-entropy over the grades; AdamW with linear decay. Returns the mean loss per epoch."""
+        if len(labels) == 0:
+            raise ValueError("no training pairs")
         index = {g: i for i, g in enumerate(self.grades)}
+        unknown = sorted({int(v) for v in labels} - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among grades {list(self.grades)}")
         queries, texts = np.asarray(queries, dtype=object), np.asarray(texts, dtype=object)
         y = torch.tensor([index[int(v)] for v in labels])
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
@@ -81,6 +86,6 @@ class CrossEncoderGrader:
                 list(queries[start : start + batch_size]), list(texts[start : start + batch_size])
             )
             probs.append(torch.softmax(self.model(**b).logits.float(), -1).numpy())
-        p = np.concatenate(probs).astype(np.float32)
+        p = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(self.grades)), np.float32)
         values = np.asarray(self.grades, dtype=np.float32)
         return values[p.argmax(1)].astype(np.int8), p, (p @ values).astype(np.float32)

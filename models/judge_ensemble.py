@@ -235,20 +235,18 @@ def cross_validated_grades(
     estimate of the stacked judge on unseen queries (fitting and scoring the same pairs flatters it)."""
     folds = query_folds(qids, min(k, len(set(qids))))
     label, score = np.zeros(len(human), dtype=np.int8), np.zeros(len(human), dtype=np.float32)
+    human = np.asarray(human)
     for f in np.unique(folds):
         train = folds != f
+        present = np.unique(human[train])
+        if len(present) < 2:  # the other folds hold one grade only: the only honest prediction is that grade
+            label[~train], score[~train] = present[0], present[0]
+            continue
         part = {n: v[train] for n, v in signals.items()}
         comb = GradeCombiner.fit(part, human[train], grades, use=use, c=c)
         held = {n: v[~train] for n, v in signals.items()}
         label[~train], _, score[~train] = comb.grade(held)
     return label, score
-
-
-def cv_kappa(signals, human, qids, grades, use, c: float = 1.0, k: int = 5) -> float:
-    from eval.agreement import _kappa
-
-    label, _ = cross_validated_grades(signals, human, qids, grades, use, c, k)
-    return _kappa(np.asarray(human), label, grades)
 
 
 def kappa_gain_se(

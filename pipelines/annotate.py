@@ -67,7 +67,8 @@ class AnnotateConfig(StageConfig):
     resume: bool = Field(False, description="finish an interrupted run in OUT: only missing units are run")
     overwrite: bool = Field(False, description="discard what OUT holds and start again")
     profile: str = Field(
-        "cpu-small", description="resource profile giving the defaults below (cluster/profiles)"
+        "cpu-small",
+        description="resource profile giving the pool defaults below (cluster/profiles; `augrel cluster profile NAME`)",
     )
     concurrency: tuple[int, int] | None = Field(None, description="judge actors (min, max); default: profile")
     batch_size: int | None = Field(None, gt=0, description="pairs per forward pass; default: profile")
@@ -317,7 +318,7 @@ _READ_SCHEMA = pa.schema([*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("
 class JudgeActor:
     """Ray Data map_batches callable class: the judge, loaded once per actor, grading batches of pairs.
 
-    Input columns: qid, docid, query, text, title, url, _clipped, _unit, _expect, _read (from ``UnitReader``).
+    Input columns: qid, docid, query, text, title, url, _clipped, _unit, _expect, _read (from ``read_units``).
     Output: the judgments columns plus _unit, _expect, _read, _actor, _busy_s (for the writer and manifest).
     """
 

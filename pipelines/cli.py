@@ -32,8 +32,10 @@ names a running cluster. `augrel submit` runs any command as a Ray job on a clus
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks. Defaults are stated in each option's help where they are real:
+    most options default to the stage config's value, which `--help` of ArgumentDefaultsHelpFormatter would
+    misreport as None."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -197,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="agreement of judgments with human labels: kappa, weighted kappa, alpha, tau, plots",
         description="Join judgments with human grades on (qid, docid) and write metrics.json (Cohen's kappa, "
         "quadratic weighted kappa, Krippendorff's alpha (ordinal), accuracy, per-grade precision/recall, "
-        "Kendall's tau-b pooled and per query, each with a 95%% bootstrap interval over queries), "
+        "Kendall's tau-b pooled and per query, each with a 95% bootstrap interval over queries), "
         "confusion.png and calibration.png.",
     )
     p.add_argument("--judgments", help="judgments table")
@@ -270,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = rsub.add_parser(
         "eval", formatter_class=_Formatter, help="NDCG@10/100, MRR@10, R@100 per query; paired test vs a baseline",
-        description="Measures from ir_measures; MRR and recall count grade >= 2 relevant; queries without a "
-        "relevant document are left out (and counted in metrics.json). With --baseline: paired t-test and a "
-        "bootstrap 95%% interval of the difference over queries.",
+        description="Measures from ir_measures; MRR and recall count grade >= min_rel relevant (default 2, "
+        "`--set min_rel=1`); queries without a relevant document are left out (and counted in metrics.json). With --baseline: paired t-test and a "
+        "bootstrap 95% interval of the difference over queries.",
     )  # fmt: skip
     p.add_argument("--run", help="run table")
     p.add_argument("--qrels", help="qrels table, labelled pairs, or a TREC qrels file")
@@ -365,22 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser(
         "up", help="start a head node and N worker nodes on 127.0.0.1", formatter_class=_Formatter
     )
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default: 1)")
     p.add_argument("--cpus-per-node", type=int, help="CPUs each node offers (default: cores / nodes)")
-    p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--name", default="local")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs each node offers (default: 0)")
+    p.add_argument("--name", default="local", help="the local cluster's name (default: local)")
     p = csub.add_parser(
         "down", help="stop exactly the processes `cluster up` started", formatter_class=_Formatter
     )
-    p.add_argument("--name", default="local")
+    p.add_argument("--name", default="local", help="the local cluster's name (default: local)")
     p = csub.add_parser(
         "status", help="show the local cluster's nodes and addresses", formatter_class=_Formatter
     )
-    p.add_argument("--name", default="local")
+    p.add_argument("--name", default="local", help="the local cluster's name (default: local)")
     p = csub.add_parser(
         "profile", help="print a resource profile (cpu-small, gpu-1, gpu-8)", formatter_class=_Formatter
     )
-    p.add_argument("name", nargs="?", default="cpu-small")
+    p.add_argument(
+        "name", nargs="?", default="cpu-small", help="profile name or YAML path (default: cpu-small)"
+    )
 
     # ---------------------------------------------------------------- submit
     p = sub.add_parser(

@@ -88,3 +88,21 @@ def test_plots_are_written(tmp_path):
         plot_calibration(h, probs, score, [0, 1, 2, 3], tmp_path / "k.png"),
     ):
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cutpoints_with_gapped_grades_and_unknown_human_grade():
+    rng = np.random.default_rng(0)
+    human = rng.choice([0, 2, 4], 300)
+    score = human + rng.normal(0, 0.3, 300)
+    cuts = tune_cutpoints(score, human, [0, 2, 4])
+    assert 0 < cuts[0] < 2 < cuts[1] < 4
+    assert tune_cutpoints([], [], [0, 2, 4]) == [1.0, 3.0]
+    with pytest.raises(ValueError, match=r"human grades \[5\] are not among grades"):
+        tune_cutpoints(score, np.r_[human[:-1], 5], [0, 2, 4])
+
+
+def test_agreement_rejects_empty_and_nan_grades():
+    with pytest.raises(ValueError, match="no pairs"):
+        agreement(np.array([]), np.array([]), np.array([]), np.array([]))
+    with pytest.raises(ValueError, match="human: grades must be finite"):
+        agreement(np.array([0.0, np.nan]), np.array([0, 1]), np.array([0.0, 1.0]), np.array(["q", "q"]))

@@ -15,3 +15,9 @@ def test_minilm_cross_encoder_learns_a_separable_toy_task():
     assert losses[-1] < losses[0]
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert score[:8].mean() > score[8:].mean()
+    label, probs, score = ce.predict(q[:0], t[:0])
+    assert label.shape == (0,) and probs.shape == (0, 4) and score.shape == (0,)
+    with pytest.raises(ValueError, match="no training pairs"):
+        ce.fit(q[:0], t[:0], y[:0])
+    with pytest.raises(ValueError, match=r"labels \[7\] are not among grades"):
+        ce.fit(q[:2], t[:2], np.array([7, 0]))

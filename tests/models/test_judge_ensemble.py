@@ -184,3 +184,12 @@ def test_kappa_gain_se_is_zero_for_identical_labels_and_grows_with_disagreement(
     se = kappa_gain_se(human, human, noisy, qid, GRADES)
     assert 0.01 < se < 0.2
     assert np.isnan(kappa_gain_se(human, human, noisy, np.array(["q"] * 400), GRADES))
+
+
+def test_cross_validation_survives_a_fold_whose_other_queries_hold_one_grade():
+    sig, human, _ = _signals(40, seed=4)
+    qid = np.array(["a"] * 20 + ["b"] * 20)
+    human = np.r_[np.zeros(20, int), human[20:]]  # query a: grade 0 only
+    label, score = cross_validated_grades(sig, human, qid, GRADES, ["dense_cos"], k=2)
+    assert (label[20:] == 0).all() and (score[20:] == 0).all()  # fit on a alone: its one grade
+    assert len(label) == 40
