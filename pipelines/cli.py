@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from models.features import FEATURE_DOCS
 from pipelines.errors import AugrelError, ConfigError
 
 EPILOG = """\
@@ -240,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         "features", formatter_class=_Formatter,
         help="pairs -> features table on a Ray Data actor pool (BM25, MiniLM cosine, lengths, overlap)",
         description="Build a BM25 index (bm25s, stemmed) over the corpus (--docs, or the pairs' documents), then "
-        "compute each pair's features on an actor pool that loads the index and the MiniLM encoder once: bm25, "
-        "bm25_rank, dense_cos, query_len, doc_len, overlap, title_overlap. The judge's score is not a feature "
-        "here (it leaks the labeller); `rank train --set use_judge_feature=true` adds it.",
+        "compute each pair's features on an actor pool that loads the index and the MiniLM encoder once. The "
+        "judge's score is not a feature here (it leaks the labeller); `rank train --set use_judge_feature=true` "
+        "adds it.\n\nfeatures:\n" + "\n".join(f"  {k:<14}{v}" for k, v in FEATURE_DOCS.items()),
     )  # fmt: skip
     p.add_argument("--pairs", help="pairs table")
     p.add_argument("--docs", help="docs table for BM25 statistics (default: the pairs' documents)")
