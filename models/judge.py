@@ -137,20 +137,24 @@ class PairEncoder:
         self.prefix_ids: list[int] = tokenizer(template.prefix_text(), add_special_tokens=True)["input_ids"]
         self._body = self._tok(template.body_field)
         self._cue = self._tok(template.answer_cue)
+        self._newline = self._tok("\n")
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _field(self, text: str, limit: int) -> list[int]:
+        """A one-line field cut to ``limit`` tokens; a cut field keeps its line break, so the next field still
+        starts on a line of its own."""
+        ids = self._tok(text)
+        return ids if len(ids) <= limit else ids[: limit - 1] + self._newline
+
     def encode(self, query: str, text: str, title: str | None = None, url: str | None = None) -> EncodedPair:
         t = self.template
-        q = self._tok(t.query_field.format(query=query))
-        if len(q) > t.max_query_tokens:
-            q = q[: t.max_query_tokens - 1] + self._tok("\n")
-        ids = list(q)
+        ids = self._field(t.query_field.format(query=query), t.max_query_tokens)
         if title:
-            ids += self._tok(t.title_field.format(title=title))[:64]
+            ids += self._field(t.title_field.format(title=title), t.max_title_tokens)
         if url:
-            ids += self._tok(t.url_field.format(url=url))[:48]
+            ids += self._field(t.url_field.format(url=url), t.max_url_tokens)
         body = self._tok(text or "")
         truncated = len(body) > t.max_doc_tokens
         ids += self._body + body[: t.max_doc_tokens] + self._cue

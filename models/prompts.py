@@ -48,6 +48,8 @@ class PromptTemplate:
     answer_cue: str = "\nScore: "
     max_query_tokens: int = 64
     max_doc_tokens: int = 256
+    max_title_tokens: int = 64
+    max_url_tokens: int = 48
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

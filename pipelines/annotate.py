@@ -461,6 +461,14 @@ def actor_resources(cfg: AnnotateConfig) -> ActorResources:
     )
 
 
+def _most_actors(res: ActorResources, cluster: dict[str, float]) -> int:
+    """How many judge actors the cluster holds beside the read/write tasks, by CPUs and (for GPU actors) GPUs."""
+    most = int((cluster.get("CPU", 0) - 2 * IO_TASK_CPUS + 1e-9) // res.num_cpus)
+    if res.num_gpus:
+        most = min(most, int(cluster.get("GPU", 0) // res.num_gpus))
+    return most
+
+
 def fit_pool(res: ActorResources, cluster: dict[str, float]) -> ActorResources:
     """Shrink a profile's pool to what the cluster holds beside the read/write tasks (never below one actor).
 
@@ -468,26 +476,34 @@ def fit_pool(res: ActorResources, cluster: dict[str, float]) -> ActorResources:
     names a fixed size where it can: Ray Data's autoscaler adds actors only under queue pressure, and on a small
     machine a (1, 2) pool was seen to stay at one actor for a whole run.
     """
-    if res.num_gpus:
-        most = int(cluster.get("GPU", 0) // res.num_gpus)
-    else:
-        most = int((cluster.get("CPU", 0) - 2 * IO_TASK_CPUS + 1e-9) // res.num_cpus)
-    most = max(1, most)
+    most = max(1, _most_actors(res, cluster))
     lo, hi = res.concurrency
     return replace(res, concurrency=(min(lo, most), min(hi, most)))
 
 
-def check_fits(res: ActorResources, cluster: dict[str, float]) -> None:
-    """Refuse a pool that would leave no CPU for the read and write tasks (the dataset would hang)."""
+def check_fits(
+    res: ActorResources, cluster: dict[str, float], largest_node: dict[str, float] | None = None
+) -> None:
+    """Refuse a pool Ray could never start: an actor larger than any node, or a minimum pool that leaves no CPU
+    for the read and write tasks. Either would not fail: Ray Data would wait for the actors forever."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if res.num_gpus > gpus:
-        raise ConfigError(f"num_gpus_per_actor: {res.num_gpus:g} but the cluster has {gpus:g} GPUs")
-    if res.num_gpus == 0 and res.num_cpus + 2 * IO_TASK_CPUS > cpus:
+    node = largest_node or cluster
+    if res.num_gpus > node.get("GPU", 0.0):
+        raise ConfigError(f"num_gpus_per_actor: {res.num_gpus:g} but the largest node has {node.get('GPU', 0.0):g} "
+                          f"GPUs (the cluster {gpus:g})")  # fmt: skip
+    if res.num_cpus > node.get("CPU", 0.0):
+        raise ConfigError(f"num_cpus_per_actor: {res.num_cpus:g} but the largest node has {node.get('CPU', 0.0):g} "
+                          "CPUs")  # fmt: skip
+    if res.num_cpus + 2 * IO_TASK_CPUS > cpus:
         raise ConfigError(f"num_cpus_per_actor: {res.num_cpus:g} leaves no CPU for reading and writing on a "
                           f"{cpus:g}-CPU cluster (at most {cpus - 2 * IO_TASK_CPUS:g})")  # fmt: skip
-    if res.num_gpus == 0 and res.concurrency[0] * res.num_cpus + 2 * IO_TASK_CPUS > cpus:
-        raise ConfigError(f"concurrency: {res.concurrency[0]} actors x {res.num_cpus:g} CPUs do not fit beside the "
-                          f"read/write tasks on a {cpus:g}-CPU cluster")  # fmt: skip
+    lo = res.concurrency[0]
+    if lo > _most_actors(res, cluster):
+        need = f"{lo} x {res.num_cpus:g} CPUs" + (
+            f" and {lo} x {res.num_gpus:g} GPUs" if res.num_gpus else ""
+        )
+        raise ConfigError(f"concurrency: at least {lo} actors need {need}, more than the cluster's {cpus:g} CPUs / "
+                          f"{gpus:g} GPUs hold beside the read/write tasks")  # fmt: skip
 
 
 def transform(units, cfg: AnnotateConfig, res: ActorResources):
@@ -555,6 +571,11 @@ def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any
             if old.get(key) != plan.get(key):
                 raise ConfigError(f"--resume: '{key}' changed since the run in {out} began "
                                   f"(was {old.get(key)!r}, now {plan.get(key)!r}); use --overwrite")  # fmt: skip
+        if old.get("scoring") != plan.get("scoring"):
+            # allowed (an interrupted job may finish on other hardware), but the table is no longer uniform
+            log.warning("--resume: scoring settings changed (was %s, now %s): the %d remaining units are scored "
+                        "so, the %d done ones are kept as they were", old.get("scoring"), plan.get("scoring"),
+                        len(units) - len(done), len(done))  # fmt: skip
         for tmp in out.rglob(".part-*.tmp"):  # left by a writer that was killed mid-write
             tmp.unlink()
         return done & {u.name for u in units}
@@ -597,10 +618,21 @@ def run(cfg: AnnotateConfig) -> StageResult:
         else:
             if cfg.concurrency is None:
                 res = fit_pool(res, ray.cluster_resources())
-            check_fits(res, ray.cluster_resources())
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0))) if nodes else None
+            check_fits(res, ray.cluster_resources(), largest)
+        from models.judge_card import is_judge_dir
+
+        # a judge directory's card fixes its prompt; template and max_doc_tokens apply to a base model only
+        prompt = (
+            None
+            if is_judge_dir(cfg.judge)
+            else {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens}
+        )
         plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
-                "prompt": {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens},
-                "n_units": len(units), "units": [asdict(u) for u in units]}  # fmt: skip
+                "prompt": prompt, "n_units": len(units),
+                "scoring": {"dtype": cfg.dtype, "batch_size": res.batch_size, "max_batch_tokens": res.max_batch_tokens},
+                "units": [asdict(u) for u in units]}  # fmt: skip
         done = _prepare_out(cfg, units, plan)
         pending = [u for u in units if u.name not in done]
         if cfg.limit_units:

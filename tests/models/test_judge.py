@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.judge import LabelTokenScorer, length_buckets, pad_left, scores_from_logits
+from models.judge import LabelTokenScorer, PairEncoder, length_buckets, pad_left, scores_from_logits
 from models.loading import cpu_bf16_unit, cpu_description, cpu_supports_bf16, load_causal_lm, resolve_dtype
 from models.prompts import BASIC, UMBRELA, FewShotExample, PromptTemplate, grade_token_ids
 
@@ -88,6 +88,26 @@ def test_prompt_version_changes_with_any_prompt_input():
     assert UMBRELA.version.startswith("umbrela-v1@")
     shot = PromptTemplate(**{**UMBRELA.__dict__, "examples": (FewShotExample("q", "d", 2),)})
     assert shot.version != UMBRELA.version and "Score: 2" in shot.prefix_text()
+    assert PromptTemplate(**{**UMBRELA.__dict__, "max_title_tokens": 10}).version != UMBRELA.version
+
+
+def test_a_cut_field_keeps_its_line_break():
+    """Each character a token (the tiny test tokenizer has no newline token): a title cut to 10 tokens is
+    9 characters and its line break, so the URL still starts a line of its own."""
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    tok = CharTokenizer()
+    e = PairEncoder(
+        tok, PromptTemplate(**{**UMBRELA.__dict__, "max_title_tokens": 10, "max_query_tokens": 8})
+    )
+    enc = e.encode("a long query", "body", title="a very long title", url="http://x.org")
+    assert tok.decode(enc.ids).startswith("Query: \nTitle: a \nURL: http://x.org\nPassage: body")
 
 
 def test_multi_token_grade_fails_clearly(tiny):

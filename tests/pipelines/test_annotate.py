@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,7 @@ def test_run_judges_every_pair_exactly_once(reference_run, pairs_dir):
     assert manifest["complete"] and manifest["units"] == 12 and manifest["pairs_per_s_per_actor"]
 
 
-def test_out_with_a_run_needs_resume_or_overwrite(reference_run, tiny_causal_lm, pairs_dir):
+def test_out_with_a_run_needs_resume_or_overwrite(reference_run, tiny_causal_lm, pairs_dir, caplog):
     out, _ = reference_run
     with pytest.raises(ConfigError, match="--resume"):
         run(_cfg(tiny_causal_lm, pairs_dir, out))
@@ -171,6 +172,9 @@ def test_out_with_a_run_needs_resume_or_overwrite(reference_run, tiny_causal_lm,
         run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True, unit_rows=30))
     again = run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True))  # nothing left to do
     assert again.extra["units_this_run"] == 0 and again.counts["judged"] == 238
+    # other scoring settings may finish a run (other hardware), with a warning that the table is not uniform
+    again = run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True, batch_size=3))
+    assert again.counts["judged"] == 238 and "scoring settings changed" in caplog.text
 
 
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, reference_run, tiny_causal_lm, pairs_dir,
@@ -244,9 +248,17 @@ def test_pool_that_would_starve_reads_is_refused(tmp_path):
     assert fit_pool(res, {"CPU": 16.0}).concurrency == (2, 2)
     with pytest.raises(ConfigError, match="num_cpus_per_actor: 2 leaves no CPU"):
         check_fits(actor_resources(cfg.model_copy(update={"num_cpus_per_actor": 2.0})), {"CPU": 2.0})
-    with pytest.raises(ConfigError, match="num_gpus_per_actor: 1 but the cluster has 0 GPUs"):
+    with pytest.raises(ConfigError, match="num_gpus_per_actor: 1 but the largest node has 0 GPUs"):
         check_fits(actor_resources(cfg.model_copy(update={"num_gpus_per_actor": 1.0})), {"CPU": 2.0})
     gpu = actor_resources(cfg.model_copy(update={"profile": "gpu-8"}))
     assert gpu.num_gpus == 1 and gpu.concurrency == (1, 8) and gpu.max_batch_tokens
+    # GPU actors need their CPUs too: 8 GPUs but 16 CPUs hold three 4-CPU actors beside the reads
+    assert fit_pool(gpu, {"CPU": 16.0, "GPU": 8.0}).concurrency == (1, 3)
+    two = replace(gpu, concurrency=(2, 2))
+    with pytest.raises(ConfigError, match="concurrency: at least 2 actors need 2 x 4 CPUs and 2 x 1 GPUs"):
+        check_fits(two, {"CPU": 32.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match="num_cpus_per_actor: 4 but the largest node has 2 CPUs"):
+        check_fits(gpu, {"CPU": 8.0, "GPU": 4.0}, largest_node={"CPU": 2.0, "GPU": 4.0})
+    check_fits(gpu, {"CPU": 16.0, "GPU": 8.0}, largest_node={"CPU": 8.0, "GPU": 4.0})
     with pytest.raises(ValueError, match="concurrency"):
         AnnotateConfig(pairs="x", out="y", concurrency=(3, 1))
