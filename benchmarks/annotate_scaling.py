@@ -301,11 +301,32 @@ def main() -> None:
     gemma = {"model": "gemma3-270m", "pairs": real, "batch_size": 16, "unit_rows": 16 if a.quick else 256}
     # quick: fewer, smaller units so the tiny runs still have units left when the fault run kills an actor
     tinyb = {"model": tiny, "batch_size": 64, "unit_rows": 1024 if a.quick else 4096}
+    # --quick keeps the rows of the RESULT line (plain vs 2 actors, small vs large, the fault run) and leaves out
+    # the two context rows (1 actor, the tiny model's plain loop): each row is a fresh process and Ray
+    context = (
+        []
+        if a.quick
+        else [
+            {
+                "name": "gemma pipeline, 1 actor x 1 thread",
+                "mode": "pipeline",
+                "actors": 1,
+                "threads": 1,
+                **gemma,
+            },
+            {
+                "name": f"tiny plain, {n_large:,} pairs",
+                "mode": "plain",
+                "threads": 2,
+                "pairs": large,
+                **tinyb,
+            },
+        ]
+    )
     specs = [
         {"name": "gemma plain, 2 threads", "mode": "plain", "threads": 2, **gemma},
         {"name": "gemma pipeline, 2 actors x 1 thread", "mode": "pipeline", "actors": 2, "threads": 1, **gemma},
-        {"name": "gemma pipeline, 1 actor x 1 thread", "mode": "pipeline", "actors": 1, "threads": 1, **gemma},
-        {"name": f"tiny plain, {n_large:,} pairs", "mode": "plain", "threads": 2, "pairs": large, **tinyb},
+        *context,
         {"name": f"tiny pipeline, {n_small:,} pairs", "mode": "pipeline", "actors": 2, "threads": 1,
          "pairs": small, **tinyb},
         {"name": f"tiny pipeline, {n_small:,} pairs, 1 actor killed", "mode": "pipeline", "actors": 2,
@@ -331,9 +352,8 @@ def main() -> None:
         print(f"{r['name']:<44} {r['pairs']:>9,} {r['wall_s']:>8.1f} {r['pairs_per_s']:>9.1f} {r['steady']:>9.1f} "
               f"{r['driver_mb']:>10.0f} {r['total_mb']:>8.0f} {r['private_mb']:>8.0f} {r.get('store_mb', 0):>6.0f} "
               f"{r.get('lost', '-'):>5} {r.get('duplicated', '-'):>4}")  # fmt: skip
-    plain, pipe2, pipe1 = (by["gemma plain, 2 threads"], by["gemma pipeline, 2 actors x 1 thread"],
-                           by["gemma pipeline, 1 actor x 1 thread"])  # fmt: skip
-    tiny_plain = by[f"tiny plain, {n_large:,} pairs"]
+    plain, pipe2 = by["gemma plain, 2 threads"], by["gemma pipeline, 2 actors x 1 thread"]
+    pipe1, tiny_plain = by.get("gemma pipeline, 1 actor x 1 thread"), by.get(f"tiny plain, {n_large:,} pairs")
     small_r = by[f"tiny pipeline, {n_small:,} pairs"]
     fault_r = by[f"tiny pipeline, {n_small:,} pairs, 1 actor killed"]
     large_r = by[f"tiny pipeline, {n_large:,} pairs"]
@@ -344,12 +364,16 @@ def main() -> None:
     lost = sum(r.get("lost", 0) for r in rows)
     dup = sum(r.get("duplicated", 0) for r in rows)
     print()
+    one_actor = f"; 2 actors / 1 actor = {pipe2['steady'] / pipe1['steady']:.2f}" if pipe1 else ""
     print(f"gemma: pipeline / plain at 2 cores, steady state = {efficiency:.2f} (with start-up: "
-          f"{pipe2['pairs_per_s'] / plain['pairs_per_s']:.2f}); 2 actors / 1 actor = "
-          f"{pipe2['steady'] / pipe1['steady']:.2f}")  # fmt: skip
+          f"{pipe2['pairs_per_s'] / plain['pairs_per_s']:.2f}){one_actor}")  # fmt: skip
     with_store = (large_r["private_mb"] + large_r["store_mb"]) / (small_r["private_mb"] + small_r["store_mb"])
-    print(f"tiny: pipeline / plain at 2 cores, steady state = {large_r['steady'] / tiny_plain['steady']:.2f}; "
-          f"actors killed in the fault run: {fault_r['killed_actors']}")  # fmt: skip
+    tiny = (
+        f"pipeline / plain at 2 cores, steady state = {large_r['steady'] / tiny_plain['steady']:.2f}; "
+        if tiny_plain
+        else ""
+    )
+    print(f"tiny: {tiny}actors killed in the fault run: {fault_r['killed_actors']}")
     print(f"peak memory {n_large:,} vs {n_small:,} pairs: driver {large_r['driver_mb'] / small_r['driver_mb']:.2f}x; "
           f"all processes {large_r['total_mb'] / small_r['total_mb']:.2f}x RSS, {mem_ratio:.2f}x private outside the "
           f"object store, {with_store:.2f}x with the store pages they hold ({small_r['store_mb']:.0f} -> "
