@@ -399,6 +399,23 @@ def write_units(batch: pa.Table, out: str) -> pa.Table:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def estimate_pairs(units: list[WorkUnit], sample_bytes: int = 1 << 18) -> int:
+    """Pairs in ``units`` for the progress bar: exact for Parquet (row ranges); for JSONL (byte ranges) the
+    range's bytes over the mean line length of the file's first ``sample_bytes``."""
+    bytes_per_line: dict[str, float] = {}
+    total = 0.0
+    for u in units:
+        if u.fmt == "parquet":
+            total += u.stop - u.start
+            continue
+        if u.path not in bytes_per_line:
+            with open(u.path, "rb") as f:
+                head = f.read(sample_bytes)
+            bytes_per_line[u.path] = len(head) / max(1, head.count(b"\n"))
+        total += (u.stop - u.start) / bytes_per_line[u.path]
+    return round(total)
+
+
 class _LogProgress:
     """Progress for logs (a Ray job, a pod, nohup): one line every ``every`` seconds instead of a redrawn bar."""
 
@@ -650,7 +667,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
             ctx.enable_progress_bars = False  # ours counts pairs; Ray's per-operator bars would repeat it
             units_ds = ray.data.from_items([asdict(u) for u in pending], override_num_blocks=len(pending))
             ds = transform(units_ds, cfg, res)
-            est = sum(u.stop - u.start for u in pending if u.fmt == "parquet") or None
+            est = estimate_pairs(pending) or None
             with progress(est) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     t_last = time.perf_counter()

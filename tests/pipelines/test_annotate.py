@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import AnnotateConfig, plan_units, read_unit, run
+from pipelines.annotate import AnnotateConfig, estimate_pairs, plan_units, read_unit, run
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
 
@@ -66,6 +66,7 @@ def test_jsonl_units_cover_every_line_exactly_once(tmp_path):
             assert rejected.num_rows == 0 and good.num_rows == n_read
             got += _keys(good)
         assert got == [(r["qid"], r["docid"]) for r in rows], unit_rows
+        assert abs(estimate_pairs(units) - 157) <= 16  # the progress bar's total, from bytes per line
 
 
 @pytest.mark.parametrize(
