@@ -112,7 +112,7 @@ def fit_stack(
 
     from eval.agreement import agreement
     from models.judge_card import load_judge
-    from models.judge_ensemble import cross_validated_grades, describe_selection, fit_stacked, pair_signals
+    from models.judge_ensemble import cross_validated_grades, fit_stacked, pair_signals
 
     s = StackSettings.model_validate(stack)
     j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device)
@@ -128,8 +128,6 @@ def fit_stack(
     combiner, path = fit_stacked(sig, human, qids, grades, s.signals, **s.selection(), encoder=s.encoder,
                                  encoder_dtype=s.encoder_dtype)  # fmt: skip
     use = combiner.signals
-    if path:
-        log.info("stack selection by query-fold CV kappa: %s", describe_selection(path))
     if not set(use) & {"llm_logp", "llm_score"}:
         log.warning("the LLM's signals did not raise the held-out kappa on the calibration pairs: the stacked "
                     "judge grades from %s alone and skips the LLM (a stronger base model is the lever)", use)  # fmt: skip
@@ -155,7 +153,7 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
     import ray
 
     from models.judge_card import JudgeCard, is_judge_dir
-    from models.judge_ensemble import COMBINER_FILE, GradeCombiner
+    from models.judge_ensemble import COMBINER_FILE, GradeCombiner, describe_selection
     from models.prompts import get_template
 
     cols = {c: table.column(c).to_pylist() for c in ("qid", "query", "text", "title", "url", "label")}
@@ -165,6 +163,10 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
     # the device follows the task's GPUs: a task that asked for none still sees every GPU under Ray 2.60
     device = "cuda" if stack.num_gpus else "cpu"
     combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), device=device, **kw)))
+    if combiner.fit_report.get("selection"):  # logged here: the task's own log lines stay in its worker's log
+        log.info(
+            "stack selection by query-fold CV kappa: %s", describe_selection(combiner.fit_report["selection"])
+        )
     out.mkdir(parents=True, exist_ok=True)
     if is_judge_dir(judge):
         card = JudgeCard.load(judge)
