@@ -96,9 +96,12 @@ def main() -> None:
                     help="fine-tuning recipe (default: every training-query label in its natural mix, about an "
                          "hour here; configs/judge-dl19.yaml is paper 1's 1,000 balanced pairs)")  # fmt: skip
     ap.add_argument("--work", default=os.environ.get("AUGREL_BENCH_CACHE", "/tmp/augrel-bench"))
-    ap.add_argument("--test-pairs", type=int, help="score this many test pairs (default: all; --quick: 240)")
-    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--test-pairs", type=int, help="score this many test pairs (default: all; --quick: 120)")
+    ap.add_argument(
+        "--bootstrap", type=int, help="bootstrap resamples for the intervals (default 1000; --quick: 200)"
+    )
     args = ap.parse_args()
+    args.bootstrap = args.bootstrap or (200 if args.quick else 1000)
     work = Path(args.work)
     dl19, llmj = prepared(work)
 
@@ -122,9 +125,9 @@ def main() -> None:
     pools = split_pools(cfg)
     train, val, _ = sample_train_val(cfg, pools)
     stack = StackSettings()
-    calib = natural_sample(pools[1], 240 if args.quick else stack.n_pairs, cfg.seed + 2)
+    calib = natural_sample(pools[1], 120 if args.quick else stack.n_pairs, cfg.seed + 2)
     test = read_table(dl19 / "splits" / "test" / "pairs")
-    n_test = args.test_pairs or (240 if args.quick else test.num_rows)
+    n_test = args.test_pairs or (120 if args.quick else test.num_rows)
     if n_test < test.num_rows:
         test = test.take(np.sort(np.random.default_rng(0).permutation(test.num_rows)[:n_test]))
 
