@@ -303,26 +303,10 @@ def main() -> None:
     tinyb = {"model": tiny, "batch_size": 64, "unit_rows": 1024 if a.quick else 4096}
     # --quick keeps the rows of the RESULT line (plain vs 2 actors, small vs large, the fault run) and leaves out
     # the two context rows (1 actor, the tiny model's plain loop): each row is a fresh process and Ray
-    context = (
-        []
-        if a.quick
-        else [
-            {
-                "name": "gemma pipeline, 1 actor x 1 thread",
-                "mode": "pipeline",
-                "actors": 1,
-                "threads": 1,
-                **gemma,
-            },
-            {
-                "name": f"tiny plain, {n_large:,} pairs",
-                "mode": "plain",
-                "threads": 2,
-                "pairs": large,
-                **tinyb,
-            },
-        ]
-    )
+    context = [] if a.quick else [
+        {"name": "gemma pipeline, 1 actor x 1 thread", "mode": "pipeline", "actors": 1, "threads": 1, **gemma},
+        {"name": f"tiny plain, {n_large:,} pairs", "mode": "plain", "threads": 2, "pairs": large, **tinyb},
+    ]  # fmt: skip
     specs = [
         {"name": "gemma plain, 2 threads", "mode": "plain", "threads": 2, **gemma},
         {"name": "gemma pipeline, 2 actors x 1 thread", "mode": "pipeline", "actors": 2, "threads": 1, **gemma},

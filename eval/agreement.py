@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +152,19 @@ def _point_metrics(h, j, s, q, grades) -> dict[str, float]:
     }
 
 
+def query_resamples(qids: Sequence[str], n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Row indices of ``n_boot`` bootstrap samples over whole queries (none with fewer than two queries):
+    pairs of one query are not independent, so intervals resample queries, not pairs."""
+    q = np.asarray(qids).astype(str)
+    uniq = np.unique(q)
+    if len(uniq) < 2:
+        return
+    rows_of = {u: np.flatnonzero(q == u) for u in uniq}
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([rows_of[u] for u in rng.choice(uniq, size=len(uniq), replace=True)])
+
+
 def agreement(
     human: np.ndarray,
     label: np.ndarray,
@@ -174,11 +187,8 @@ def agreement(
     grades = list(grades)
     metrics = _point_metrics(h, j, s, q, grades)
     uniq = np.unique(q)
-    rows_of = {u: np.flatnonzero(q == u) for u in uniq}
-    rng = np.random.default_rng(seed)
     boot: dict[str, list[float]] = {k: [] for k in metrics}
-    for _ in range(n_boot if len(uniq) > 1 else 0):
-        idx = np.concatenate([rows_of[u] for u in rng.choice(uniq, size=len(uniq), replace=True)])
+    for idx in query_resamples(q, n_boot, seed):
         for k, v in _point_metrics(h[idx], j[idx], s[idx], q[idx], grades).items():
             if not np.isnan(v):
                 boot[k].append(v)

@@ -260,17 +260,10 @@ def kappa_gain_se(
 ) -> float:
     """Standard error of kappa(human, after) - kappa(human, before) from a paired bootstrap over queries:
     how much of a selection step's gain the choice of calibration queries alone could produce."""
-    from eval.agreement import _kappa
+    from eval.agreement import _kappa, query_resamples
 
-    q = np.asarray(qids).astype(str)
-    uniq, inv = np.unique(q, return_inverse=True)
-    if len(uniq) < 2:
-        return float("nan")
-    rows_of = [np.flatnonzero(inv == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rows_of[i] for i in rng.integers(0, len(uniq), len(uniq))])
+    for idx in query_resamples(qids, n_boot, seed):
         d = _kappa(human[idx], after[idx], grades) - _kappa(human[idx], before[idx], grades)
         if not np.isnan(d):
             diffs.append(d)

@@ -82,6 +82,13 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> Any:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def device_for_gpus(num_gpus: float) -> str:
+    """The device of a Ray task or actor that reserved ``num_gpus``: "cuda" only if it reserved some. Not
+    "auto": Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it was for a worker that asked for no GPU, so "auto" would
+    put a CPU worker's model on a GPU reserved by others."""
+    return "cuda" if num_gpus else "cpu"
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 

@@ -532,6 +532,7 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
     import ray.data
 
     from models.judge_card import JudgeCard, is_judge_dir
+    from models.loading import device_for_gpus
 
     max_chars = CHARS_PER_TOKEN_BOUND * cfg.max_doc_tokens
     if is_judge_dir(cfg.judge):
@@ -548,9 +549,7 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "judge": cfg.judge,
-            # explicit: Ray 2.60 leaves CUDA_VISIBLE_DEVICES set for an actor that asked for no GPU, and
-            # "auto" would put a CPU actor's judge on a GPU reserved by others
-            "device": "cuda" if res.num_gpus else "cpu",
+            "device": device_for_gpus(res.num_gpus),
             "template": cfg.template,
             "max_doc_tokens": cfg.max_doc_tokens,
             "dtype": cfg.dtype,

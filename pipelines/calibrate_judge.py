@@ -154,14 +154,14 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
 
     from models.judge_card import JudgeCard, is_judge_dir
     from models.judge_ensemble import COMBINER_FILE, GradeCombiner, describe_selection
+    from models.loading import device_for_gpus
     from models.prompts import get_template
 
     cols = {c: table.column(c).to_pylist() for c in ("qid", "query", "text", "title", "url", "label")}
     # max_calls=1: the worker exits with the models it loaded; Ray would otherwise keep it idle for reuse, and a
     # later stage's small tasks (annotate's reads) would run in a process still holding ~800 MB
     task = ray.remote(num_cpus=stack.num_cpus, num_gpus=stack.num_gpus, max_calls=1)(fit_stack)
-    # the device follows the task's GPUs: a task that asked for none still sees every GPU under Ray 2.60
-    device = "cuda" if stack.num_gpus else "cpu"
+    device = device_for_gpus(stack.num_gpus)
     combiner = GradeCombiner(**ray.get(task.remote(judge, cols, stack.model_dump(), device=device, **kw)))
     if combiner.fit_report.get("selection"):  # logged here: the task's own log lines stay in its worker's log
         log.info(

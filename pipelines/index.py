@@ -66,11 +66,13 @@ def encode_docs(cfg: IndexConfig, docs: pa.Table) -> tuple[list[str], np.ndarray
     import ray
     from tqdm.auto import tqdm
 
+    from models.loading import device_for_gpus
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts documents
     ds = ray.data.from_arrow(docs.select(["docid", "text"])).map_batches(
         EncodeActor, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"encoder": cfg.encoder, "threads": max(1, round(cfg.num_cpus_per_actor)),
-                               "device": "cuda" if cfg.num_gpus_per_actor else "cpu"},
+                               "device": device_for_gpus(cfg.num_gpus_per_actor)},
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
     )  # fmt: skip

@@ -104,6 +104,7 @@ def features(cfg: FeaturesConfig) -> StageResult:
 
     from cluster.embedded import init_ray
     from models.features import FEATURES
+    from models.loading import device_for_gpus
 
     out = Path(cfg.out)
     init_ray()
@@ -119,7 +120,7 @@ def features(cfg: FeaturesConfig) -> StageResult:
             FeatureActor, batch_size=cfg.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"index_dir": str(index_dir), "encoder": cfg.encoder,
                                    "threads": max(1, round(cfg.num_cpus_per_actor)),
-                                   "device": "cuda" if cfg.num_gpus_per_actor else "cpu"},
+                                   "device": device_for_gpus(cfg.num_gpus_per_actor)},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
             num_cpus=cfg.num_cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor or None,
