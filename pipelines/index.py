@@ -1,7 +1,9 @@
 """``augrel index build``: a docs table -> a retrieval index directory that ``augrel serve`` loads.
 
 OUT/
-  docs/part-00000.parquet   docid, text, title (the texts the service ranks and returns)
+  docs/part-00000.parquet   docid, text, title (the docs table other stages read)
+  docstore/                 the same documents memory-mapped by docid (``retrieval.docstore.DocStore``): what
+                            ``augrel serve`` replicas read, with no copy of the corpus in each process
   bm25/                     bm25s index (always: the ranker's bm25 features need the corpus' statistics)
   dense/                    FAISS index of MiniLM document vectors (``dense: true``; flat, ivf or hnsw) and
                             the vectors themselves (vectors.npy: served features encode only the query)
@@ -89,6 +91,7 @@ def encode_docs(cfg: IndexConfig, docs: pa.Table) -> tuple[list[str], np.ndarray
 
 def build(cfg: IndexConfig) -> StageResult:
     from retrieval.bm25 import BM25Index, BM25Params
+    from retrieval.docstore import DocStore
 
     out = Path(cfg.out)
     with Timer() as timer:
@@ -101,10 +104,11 @@ def build(cfg: IndexConfig) -> StageResult:
             raise DataError(f"{cfg.docs}: {dup} duplicate docid(s); an index needs one text per docid")
         keep = [c for c in ("docid", "text", "title") if c in good.column_names]
         write_table(out / "docs", good.select(keep))
+        DocStore.write(out / "docstore", good.select(keep))
         write_table(out / "rejected", rejected)
         BM25Index.build(good.column("docid").to_pylist(), good.column("text").to_pylist(),
                         BM25Params(k1=cfg.k1, b=cfg.b)).save(out / "bm25")  # fmt: skip
-        extra = {"bm25": str(out / "bm25")}
+        extra = {"bm25": str(out / "bm25"), "docstore": str(out / "docstore")}
         if cfg.dense:
             from cluster.embedded import init_ray
             from retrieval.dense import DenseIndex, DenseParams, DocVectors
