@@ -93,11 +93,13 @@ class LambdaMARTRanker:
             n_estimators: int | None = None) -> LambdaMARTRanker:  # fmt: skip
         """Train; with a validation set, stop when its NDCG@10 has not improved for ``early_stopping_rounds``.
 
-        ``init_from`` continues boosting from another ranker's trees (the curriculum: judge labels, then humans).
+        ``init_from`` continues boosting from another ranker's trees up to its best iteration (the curriculum:
+        judge labels, then humans); trees past it are the ones early stopping judged to overfit.
         """
         import lightgbm as lgb
 
         train = self._dataset(X, y, qids)
+        init_model = init_from.best_booster() if init_from is not None else None
         valid, callbacks = [], [lgb.log_evaluation(period=0)]
         if X_val is not None and len(X_val):
             valid = [self._dataset(X_val, y_val, qids_val, reference=train)]
@@ -105,12 +107,27 @@ class LambdaMARTRanker:
         self.booster = lgb.train(
             self.params.lgb_params(), train, num_boost_round=n_estimators or self.params.n_estimators,
             valid_sets=valid, valid_names=["val"] * len(valid), callbacks=callbacks,
-            init_model=init_from.booster if init_from is not None else None,
+            init_model=init_model,
         )  # fmt: skip
         best = self.booster.best_iteration or self.booster.current_iteration()
         self.info = {"best_iteration": int(best), "train_rows": len(y), "train_queries": len(set(qids)),
+                     "init_iterations": init_model.current_iteration() if init_model is not None else 0,
                      "best_val_score": {k: float(v) for k, v in (self.booster.best_score.get("val") or {}).items()}}  # fmt: skip
         return self
+
+    def best_booster(self):
+        """The booster cut at the best iteration. LightGBM already drops the trees past it when ``lgb.train``
+        returns (it reloads ``model_to_string()``, which saves up to the best iteration), but only with its
+        default ``keep_training_booster=False``: the cut is explicit here so a continued model never builds on
+        trees early stopping rejected."""
+        import lightgbm as lgb
+
+        if self.booster is None:
+            raise RuntimeError("ranker is not trained")
+        best = self.info.get("best_iteration") or self.booster.current_iteration()
+        if best >= self.booster.current_iteration():
+            return self.booster
+        return lgb.Booster(model_str=self.booster.model_to_string(num_iteration=best))
 
     def predict(self, X) -> np.ndarray:
         if self.booster is None:

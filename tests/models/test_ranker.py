@@ -79,3 +79,28 @@ def test_query_vector_cache_overflow_keeps_the_batch_queries():
     assert v[:, 0].tolist() == [1.0, 3.0, 1.0]
     assert enc.calls == [["a", "bb"], ["ccc"]]
     assert set(f._query_vec) <= {"a", "ccc"}
+
+
+def test_curriculum_continues_from_the_first_stages_best_iteration():
+    X, y, q = _data()
+    y_noise = np.random.default_rng(7).integers(0, 4, size=len(y))  # labels unrelated to the features
+    Xv, yv, qv = _data(10, seed=1)
+    params = RankerParams(n_estimators=200, min_data_in_leaf=5, early_stopping_rounds=10)
+    first = LambdaMARTRanker(["signal", "noise"], params).fit(X, y_noise, q, Xv, yv, qv)
+    best = first.info["best_iteration"]
+    assert best < 200  # early stopping chose an iteration before the last one trained
+    more = LambdaMARTRanker(["signal", "noise"], params).fit(X, y, q, init_from=first, n_estimators=10)
+    trees = more.booster.dump_model()["tree_info"]
+    assert len(trees) == best + 10 and more.info["init_iterations"] == best
+    assert trees[:best] == first.booster.dump_model()["tree_info"][:best]
+
+    # a ranker whose booster holds trees past its best iteration (a model file saved whole) is cut there too
+    whole = LambdaMARTRanker(["signal", "noise"], params).fit(X, y_noise, q, n_estimators=30)
+    assert whole.booster.num_trees() == 30
+    whole.info["best_iteration"] = 12
+    cont = LambdaMARTRanker(["signal", "noise"], params).fit(X, y, q, init_from=whole, n_estimators=10)
+    assert cont.booster.num_trees() == 22
+    assert cont.booster.dump_model()["tree_info"][:12] == whole.booster.dump_model()["tree_info"][:12]
+    np.testing.assert_allclose(
+        whole.best_booster().predict(Xv), whole.booster.predict(Xv, num_iteration=12), rtol=1e-6
+    )
