@@ -16,6 +16,7 @@ Document vectors are computed by a Ray Data actor pool (the encoder loaded once 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -47,46 +48,77 @@ class IndexConfig(StageConfig):
 
 
 class EncodeActor:
-    """Ray Data callable class: docs (docid, text) -> docid, vector (list<float32>). Loads the encoder once."""
+    """Ray Data callable class: docs (docid, text) -> docid, vector (list<float32>), actor (the Ray actor id
+    that encoded the row: the driver counts how many of the pool did work). Loads the encoder once."""
 
     def __init__(self, encoder: str | None, threads: int, device: str):
+        import ray
         import torch
 
         from models.encoder import MeanPoolEncoder
 
         torch.set_num_threads(threads)
         self.encoder = MeanPoolEncoder(encoder, device=device)
+        self.actor_id = ray.get_runtime_context().get_actor_id() or ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vecs = self.encoder.encode(batch.column("text").to_pylist())
         flat = pa.array(vecs.reshape(-1), pa.float32())
         return pa.table({"docid": batch.column("docid"),
-                         "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])})  # fmt: skip
+                         "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1]),
+                         "actor": pa.array([self.actor_id] * batch.num_rows, pa.string())})  # fmt: skip
 
 
-def encode_docs(cfg: IndexConfig, docs: pa.Table) -> tuple[list[str], np.ndarray]:
+def pool_blocks(table: pa.Table, actors: int, max_rows: int) -> list[pa.Table]:
+    """``table`` cut into zero-copy slices for an actor pool: at least 4 per actor when there are rows enough
+    (one block per actor leaves the fast ones idle at the end) and none over ``max_rows`` (a block is the unit an
+    actor holds in memory and the unit lost to a retry)."""
+    n = table.num_rows
+    if n == 0:
+        return [table]
+    rows = max(1, min(max_rows, n // (4 * max(1, actors))))
+    return [table.slice(start, rows) for start in range(0, n, rows)]
+
+
+@dataclass
+class EncodedDocs:
+    docids: list[str]
+    vectors: np.ndarray
+    actors: int  # distinct encoder actors that returned vectors
+
+
+def encode_docs(cfg: IndexConfig, docs: pa.Table) -> EncodedDocs:
     import ray
     from tqdm.auto import tqdm
 
     from models.loading import device_for_gpus
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts documents
-    ds = ray.data.from_arrow(docs.select(["docid", "text"])).map_batches(
+    # Many blocks, not ray.data.from_arrow(docs): one block goes to one actor whatever the pool's size.
+    blocks = pool_blocks(docs.select(["docid", "text"]), cfg.concurrency, max_rows=cfg.batch_size * 16)
+    ds = ray.data.from_arrow(blocks).map_batches(
         EncodeActor, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"encoder": cfg.encoder, "threads": max(1, round(cfg.num_cpus_per_actor)),
                                "device": device_for_gpus(cfg.num_gpus_per_actor)},
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
     )  # fmt: skip
+    # No block is handed out before the whole pool is up: the first actor ready would otherwise queue blocks
+    # the others could take (slow GPU model loads make this the common case on a cluster). Past the wait, Ray
+    # Data fails naming the resources the pool lacks instead of running on part of it.
+    ds.context.wait_for_min_actors_s = 900
     docids: list[str] = []
     parts: list[np.ndarray] = []
+    actors: set[str] = set()
     with tqdm(total=docs.num_rows, desc="encode docs", unit="doc", mininterval=5) as bar:
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             docids += b.column("docid").to_pylist()
+            actors.update(b.column("actor").unique().to_pylist())
             col = b.column("vector").combine_chunks()
             parts.append(col.values.to_numpy().reshape(len(col), -1))
             bar.update(b.num_rows)
-    return docids, (np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+    return EncodedDocs(docids, vectors, len(actors))
 
 
 def build(cfg: IndexConfig) -> StageResult:
@@ -114,10 +146,11 @@ def build(cfg: IndexConfig) -> StageResult:
             from retrieval.dense import DenseIndex, DenseParams, DocVectors
 
             init_ray()
-            docids, vecs = encode_docs(cfg, good)
-            index = DenseIndex.build(docids, vecs, DenseParams(kind=cfg.kind, encoder=cfg.encoder))
+            enc = encode_docs(cfg, good)
+            index = DenseIndex.build(enc.docids, enc.vectors, DenseParams(kind=cfg.kind, encoder=cfg.encoder))
             index.save(out / "dense")
-            DocVectors.save(out / "dense", vecs)
-            extra.update(dense=str(out / "dense"), dim=int(vecs.shape[1]), kind=cfg.kind)
+            DocVectors.save(out / "dense", enc.vectors)
+            extra.update(dense=str(out / "dense"), dim=int(enc.vectors.shape[1]), kind=cfg.kind,
+                         encoder_actors=enc.actors)  # fmt: skip
     return write_stage_files(out, "index.build", cfg, {"docs": good.num_rows, "rejected": rejected.num_rows},
                              [cfg.docs], timer.seconds, extra)  # fmt: skip
