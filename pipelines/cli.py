@@ -321,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
 
+    # ------------------------------------------------------------ candidates
+    p = sub.add_parser(
+        "candidates", formatter_class=_Formatter,
+        help="BM25 and/or dense top-k for every query -> the pairs table the judge annotates",
+        description="Retrieve the top --k passages of every query (labelled or not) from an index built by "
+        "`augrel index build`: BM25, dense (FAISS over the index's encoder vectors), or both fused by reciprocal "
+        "rank (--set retrievers=[bm25,dense]). Queries are sharded over a Ray Data actor pool that loads the index "
+        "once per actor; passage texts come from the index's memory-mapped document store. Writes a pairs table "
+        "(qid, docid, query, text, title, label, cand_rank, cand_score, retrieved_by): label is the human grade "
+        "from --qrels where one exists, null elsewhere (the unlabelled pool). Queries without a candidate are "
+        "counted; bad query rows go to OUT/rejected/.",
+    )  # fmt: skip
+    p.add_argument("--queries", help="queries table (qid, query)")
+    p.add_argument("--index", help="index directory (augrel index build)")
+    p.add_argument("--k", type=int, help="candidates per query (default 100)")
+    p.add_argument("--qrels", help="human labels to attach: qrels or pairs table (optional)")
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+
     # ----------------------------------------------------------------- index
     ix = sub.add_parser(
         "index", help="retrieval indexes over a docs table (BM25, FAISS)", formatter_class=_Formatter
@@ -630,6 +649,20 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_candidates(a: argparse.Namespace) -> int:
+    from cluster.embedded import init_ray
+    from pipelines.candidates import CandidatesConfig, run
+    from pipelines.stage import load_config
+
+    cfg = load_config(CandidatesConfig, a.config, a.overrides, queries=a.queries, index=a.index, k=a.k,
+                      qrels=a.qrels, out=a.out)  # fmt: skip
+    info = init_ray(a.address, quiet=not a.verbose)
+    print(f"ray: {info['nodes']} node(s), {int(info['resources'].get('CPU', 0))} CPU(s) at {info['address']}")
+    r = run(cfg)
+    print(r.summary())
+    return 0
+
+
 def _cmd_index(a: argparse.Namespace) -> int:
     from pipelines.index import IndexConfig, build
     from pipelines.stage import load_config
@@ -727,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _cmd_rank,
         "experiment": _cmd_experiment,
         "index": _cmd_index,
+        "candidates": _cmd_candidates,
         "run": _cmd_run,
         "serve": _cmd_serve,
         "cluster": _cmd_cluster,

@@ -85,3 +85,25 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
                 yield lineno, raw.decode("utf-8"), raw
             except UnicodeDecodeError:
                 yield lineno, None, raw
+
+
+def write_dataset(ds, out_dir: str | os.PathLike) -> int:
+    """Write a Ray dataset as OUT/part-NNNNN.parquet, replacing earlier part files; returns the row count.
+
+    Ray's tasks write the files (on shared storage, from whichever node holds the blocks) and name them by
+    write UUID: they are written aside, then renamed, so a reader never mixes two runs' parts.
+    """
+    import shutil
+    import uuid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(str(staging))
+    for old in out.glob(PART_GLOB):
+        old.unlink()
+    files = sorted(staging.glob("*.parquet"))
+    for i, f in enumerate(files):
+        os.replace(f, out / f"part-{i:05d}.parquet")
+    shutil.rmtree(staging)
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(PART_GLOB))
