@@ -15,6 +15,11 @@ queries are split again (``val_fraction``) for early stopping, labelled like the
 a method's value is its mean over seeds; the table gives the mean over queries with a bootstrap 95% interval,
 and a paired t-test against ``h20``. Writes ``results.json``, ``table.md``, ``per_query.parquet`` and
 ``augment.png``.
+
+Every query of the features table is scored in some test fold, so none of them may be a query whose human
+labels trained, validated or calibrated the judge: its labels there would grade pairs it learnt from, and the
+judge-labelled rows would be measured in sample. The stage reads which queries those are from the judge that
+made the judgments (``judge_label_queries``) and refuses an overlap; the table says which queries trained what.
 """
 
 from __future__ import annotations
@@ -69,6 +74,67 @@ class AugmentConfig(StageConfig):
     fold_seed: int = 0
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     ranker: RankerSettings = RankerSettings(n_estimators=300)
+    judge_label_queries: list[str] | None = Field(
+        None,
+        description="queries whose human labels trained, validated or calibrated whatever made the judgments "
+        "(none of them may be scored here); default: read from the judge named in the judgments' config.yaml "
+        "(its card's training and validation sources, and the calibration pairs of `judge calibrate`)",
+    )
+
+
+def _qids_of(paths: list[str]) -> set[str]:
+    from pipelines.io import read_table
+
+    qids: set[str] = set()
+    for p in paths:
+        try:
+            qids.update(str(q) for q in read_table(p).column("qid").to_pylist())
+        except (DataError, OSError) as e:
+            raise DataError(f"judgments: cannot read the queries of the judge's source {p} ({e}): set "
+                            "judge_label_queries") from None  # fmt: skip
+    return qids
+
+
+def judge_label_queries(judgments: str) -> dict[str, Any]:
+    """Which queries' human labels shaped the judge that made ``judgments``: ``{"judge", "queries", "sources",
+    "trained", "validated", "calibrated"}``. Annotate's manifest holds the judge's card and its config.yaml the
+    judge directory. A fine-tuned judge counts every query of its card's training and validation sources (the
+    pools its training, checkpoint-selection, cut-point and stacking pairs were drawn from); a judge from
+    ``judge calibrate`` adds its calibration pairs' queries; a base model used zero-shot learnt from none."""
+    import yaml
+
+    from models.judge_card import CARD, is_judge_dir
+    from pipelines.stage import read_manifest
+
+    manifest = read_manifest(judgments) or {}
+    card = manifest.get("judge_card")
+    conf = Path(judgments) / "config.yaml"
+    judge = str((yaml.safe_load(conf.read_text()) or {}).get("judge") or "") if conf.exists() else ""
+    if card is None or not judge:
+        raise DataError(f"judgments: {judgments} has no annotate manifest and config naming its judge, so which "
+                        "queries trained the judge is unknown: set judge_label_queries")  # fmt: skip
+    calib_src: list[str] = []
+    if is_judge_dir(judge):
+        card = json.loads((Path(judge) / CARD).read_text())
+        if (read_manifest(judge) or {}).get("stage") == "judge.calibrate":
+            calib_src = list(
+                (yaml.safe_load((Path(judge) / "config.yaml").read_text()) or {}).get("pairs") or []
+            )
+    elif card.get("combiner"):
+        raise DataError(f"judgments: the calibrated judge {judge} is not on this machine, so its calibration "
+                        "queries are unknown: set judge_label_queries")  # fmt: skip
+    data = card.get("data") or {}
+    train_src = list(data.get("train_sources") or [])
+    val_src = data.get("val_sources")
+    val_src = list(val_src) if isinstance(val_src, list) else []  # else: held-out queries of train_sources
+    if card.get("adapter") and not train_src:
+        raise DataError(f"judgments: the card of {judge} lists no training sources: set judge_label_queries")
+    sources = train_src + val_src + calib_src
+    return {"judge": card.get("base_model", judge) + ("+lora" if card.get("adapter") else "")
+            + ("+stack" if card.get("combiner") else ""),
+            "queries": _qids_of(sources), "sources": sources,
+            "trained": data.get("train_queries", 0), "validated": data.get("val_queries", 0),
+            "calibrated": len(_qids_of(calib_src)) if calib_src else 0}  # fmt: skip
 
 
 def _per_query(table: pa.Table, rows: np.ndarray, scores: np.ndarray, qrels) -> dict[str, dict[str, float]]:
@@ -92,6 +158,23 @@ def augment(cfg: AugmentConfig) -> StageResult:
     with Timer() as timer:
         table = attach_judge(read_features(cfg.features), cfg.judgments)
         qids = table.column("qid").to_pylist()
+        if cfg.judge_label_queries is not None:
+            judge_info = {
+                "judge": "as given",
+                "queries": set(map(str, cfg.judge_label_queries)),
+                "sources": [],
+            }
+        else:
+            judge_info = judge_label_queries(cfg.judgments)
+        scored = {str(q) for q in qids}
+        in_sample = sorted(scored & judge_info["queries"])
+        if in_sample:
+            raise DataError(
+                f"judgments: the judge ({judge_info['judge']}) trained, validated or was calibrated on "
+                f"{len(in_sample)} of the {len(scored)} queries this experiment scores (first: {in_sample[:5]}); "
+                "every query is in some test fold, so its judge-labelled rankers would be scored in sample. "
+                "Use a judge fit on other queries (benchmarks/augmentation.py: configs/judge-llmjudge.yaml)"
+            )
         qrels = qrels_from_labels(qids, table.column("docid").to_pylist(), table.column("label").to_pylist())
         fold_of = assign_folds(qids, cfg.folds, cfg.fold_seed)
         qarr = np.asarray(qids, dtype=object)
@@ -156,25 +239,70 @@ def augment(cfg: AugmentConfig) -> StageResult:
         out.mkdir(parents=True, exist_ok=True)
         write_table(out / "per_query", pa.table(per_query_rows))
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table_md = render_table(summary, cfg, n_queries)
+        provenance = {
+            "judge": judge_info["judge"],
+            "judge_queries": len(judge_info["queries"]),
+            "judge_sources": judge_info["sources"],
+            "judge_trained_queries": judge_info.get("trained"),
+            "judge_validated_queries": judge_info.get("validated"),
+            "judge_calibrated_queries": judge_info.get("calibrated"),
+            "judge_queries_scored_here": 0,
+            "scored_queries": n_queries,
+        }
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        table_md = render_table(summary, cfg, n_queries, provenance)
         (out / "table.md").write_text(table_md + "\n")
         plot_augment(summary, out / "augment.png", f"TREC-style {cfg.folds}-fold CV, {n_queries} queries, "
                                                    f"{len(cfg.seeds)} seeds")  # fmt: skip
     return write_stage_files(out, "experiment.augment", cfg, {"queries": n_queries, "pairs": table.num_rows},
-                             [cfg.features, cfg.judgments], timer.seconds, {"summary": summary})  # fmt: skip
+                             [cfg.features, cfg.judgments], timer.seconds,
+                             {"summary": summary, "provenance": provenance})  # fmt: skip
 
 
-def render_table(summary: dict[str, dict[str, Any]], cfg: AugmentConfig, n_queries: int) -> str:
-    lines = [f"{cfg.folds}-fold query-level CV, {n_queries} scored queries, seeds {cfg.seeds}; test folds scored "
-             "with human labels; 95% bootstrap intervals over queries; p: paired t-test against the human-sample row",
+TRAINED_ON = {
+    "bm25": "no labels",
+    "dense": "no labels here (pretrained encoder)",
+    "h20": "{pct}% of the training folds' human labels",
+    "h20+judge": "{pct}% of the training folds' human labels + judge labels on their other pairs",
+    "curriculum": "judge labels on the training folds, then {pct}% of their human labels",
+    "judge": "judge labels on the training folds",
+    "h100": "every human label of the training folds",
+}
+
+
+def render_table(
+    summary: dict[str, dict[str, Any]], cfg: AugmentConfig, n_queries: int, provenance: dict[str, Any]
+) -> str:
+    pct = round(100 * cfg.human_fraction)
+    j = provenance
+    if j["judge"] == "as given":
+        judge_line = (f"judge labels: made from the human labels of {j['judge_queries']} given queries (config "
+                      "judge_label_queries), none scored here")  # fmt: skip
+    elif j["judge_queries"]:
+        split = (f" ({j['judge_trained_queries']} for training, {j['judge_validated_queries']} for checkpoint, "
+                 "cut-points and stack)" if j.get("judge_trained_queries") else "")  # fmt: skip
+        calib = (
+            f", {j['judge_calibrated_queries']} for calibration" if j.get("judge_calibrated_queries") else ""
+        )
+        judge_line = (f"judge ({j['judge']}): trained on the human labels of {j['judge_queries']} queries{split}"
+                      f"{calib}, from {', '.join(j['judge_sources']) or 'the given list'}; none is scored here")  # fmt: skip
+    else:
+        judge_line = f"judge ({j['judge']}): no human labels (zero-shot)"
+    lines = [f"{cfg.folds}-fold query-level CV over {n_queries} queries, seeds {cfg.seeds}.",
+             f"- {judge_line}; it grades every pair, and rankers use its labels of training-fold pairs only.",
+             f"- rankers: trained on the other {cfg.folds - 1} folds' queries ({round(100 * cfg.val_fraction)}% of "
+             "them held out for early stopping, labelled the same way), as the 'trained on' column says.",
+             "- scored: each test fold's queries, with their human labels only; 95% bootstrap intervals over "
+             "queries; p: paired t-test against the human-sample row.",
              "",
-             "| method | NDCG@10 | 95% CI | MRR@10 | NDCG@100 | R@100 | p vs h20 (NDCG@10) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for s in summary.values():
+             "| method | trained on | NDCG@10 | 95% CI | MRR@10 | NDCG@100 | R@100 | p vs h20 (NDCG@10) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for m, s in summary.items():
         lo, hi = s["ndcg10_ci95"]
         p = s.get("ndcg10_vs_h20_p")
-        lines.append(f"| {s['name']} | {s['ndcg10']:.4f} | [{lo:.3f}, {hi:.3f}] | {s['mrr10']:.4f} | "
-                     f"{s['ndcg100']:.4f} | {s['recall100']:.4f} | {'' if p is None else f'{p:.3f}'} |")  # fmt: skip
+        lines.append(f"| {s['name']} | {TRAINED_ON[m].format(pct=pct)} | {s['ndcg10']:.4f} | [{lo:.3f}, {hi:.3f}] | "
+                     f"{s['mrr10']:.4f} | {s['ndcg100']:.4f} | {s['recall100']:.4f} | "
+                     f"{'' if p is None else f'{p:.3f}'} |")  # fmt: skip
     return "\n".join(lines)
 
 

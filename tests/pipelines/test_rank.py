@@ -151,8 +151,9 @@ def test_augment_with_a_perfect_judge_matches_full_human_labels(feature_table, t
 
     out, _ = feature_table
     judg = _judgments(out, tmp_path / "perfect", flip=0.0)
+    # an oracle that copies the human grades, not a trained judge: no query's labels trained it
     cfg = AugmentConfig(features=str(out), judgments=str(judg), out=str(tmp_path / "aug"), folds=3, seeds=[0, 1],
-                        ranker={"n_estimators": 60, "min_data_in_leaf": 5})  # fmt: skip
+                        ranker={"n_estimators": 60, "min_data_in_leaf": 5}, judge_label_queries=[])  # fmt: skip
     r = augment(cfg)
     s = r.extra["summary"]
     # a judge that agrees with the humans turns "20% human + judge" into "100% human": the same labels
