@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 AUGREL := $(VENV)/bin/augrel
 # pip never pulls a CUDA build of torch by accident: where no GPU is present the CPU wheel is installed
 # first (it satisfies the project's torch range); with a GPU, pip takes torch's default (CUDA) build.
+# FAISS likewise: the `cpu` extra (faiss-cpu) without a GPU, the `gpu` extra (faiss-gpu-cu12) with one; both
+# builds install the module `faiss`, so a GPU host drops a faiss-cpu left from an earlier CPU setup first.
 TORCH_CPU ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 STAMP := $(VENV)/.augrel-installed
@@ -21,10 +23,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(HAS_GPU),1)
 	$(PY) -m pip install --quiet torch
+	$(PY) -m pip uninstall --quiet --yes faiss-cpu 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,gpu]'
 else
 	$(PY) -m pip install --quiet '$(TORCH_CPU)'
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,cpu]'
 endif
 	touch $(STAMP)
 

@@ -180,3 +180,41 @@ def test_dockerfile_copies_what_the_entrypoints_import():
     for pkg in ("cluster", "pipelines", "models", "retrieval", "eval", "configs"):
         assert f"COPY {pkg} {pkg}" in text
     assert "VARIANT" in text and "torch==${TORCH_VERSION}" in text
+
+
+def test_one_faiss_build_per_install():
+    """faiss-cpu and faiss-gpu-cu12 both install the module `faiss`: neither is a base dependency, each is an
+    extra of its own, and setup / the image install exactly one (CPU hosts: cpu, GPU hosts: gpu)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    faiss = lambda deps: [d for d in deps if d.startswith("faiss")]  # noqa: E731
+    assert faiss(project["dependencies"]) == []
+    extras = {name: faiss(deps) for name, deps in project["optional-dependencies"].items() if faiss(deps)}
+    assert set(extras) == {"cpu", "gpu"}
+    assert extras["cpu"][0].startswith("faiss-cpu") and extras["gpu"][0].startswith("faiss-gpu")
+    makefile = (REPO / "Makefile").read_text()
+    assert "'.[dev,cpu]'" in makefile and "'.[dev,gpu]'" in makefile
+    docker = (K8S / "Dockerfile").read_text()
+    assert '".[cpu]"' in docker and '".[gpu]"' in docker
+
+
+def test_every_model_loading_pod_shares_the_model_cache(rendered):
+    """AUGREL_MODEL_CACHE on the shared volume: the offline model converts once per cluster, not per pod."""
+    name, objs = rendered
+    seen = 0
+    for obj in objs:
+        if obj["kind"] not in CRD_FILES:
+            continue
+        for group, spec in _pod_specs(obj):
+            for c in spec["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                if "HF_HOME" in env:  # a container that loads models
+                    seen += 1
+                    assert env.get("AUGREL_MODEL_CACHE") == "/data/models", (
+                        name,
+                        obj["metadata"]["name"],
+                        group,
+                    )
+                    assert any(m["mountPath"] == "/data" for m in c.get("volumeMounts", []))
+    assert seen
