@@ -279,8 +279,13 @@ def render_table(
         judge_line = (f"judge labels: made from the human labels of {j['judge_queries']} given queries (config "
                       "judge_label_queries), none scored here")  # fmt: skip
     elif j["judge_queries"]:
-        split = (f" ({j['judge_trained_queries']} for training, {j['judge_validated_queries']} for checkpoint, "
-                 "cut-points and stack)" if j.get("judge_trained_queries") else "")  # fmt: skip
+        # the card counts the queries of the sampled training pairs; the rest of its sources were held out, and
+        # the checkpoint, cut-points and stack were drawn from them
+        trained = j.get("judge_trained_queries") or 0
+        held_out = j["judge_queries"] - trained - (j.get("judge_calibrated_queries") or 0)
+        split = f" ({trained} to train" if trained else ""
+        split += (f", {held_out} held out for checkpoint, cut-points and stack)" if trained and held_out
+                  else ")" if trained else "")  # fmt: skip
         calib = (
             f", {j['judge_calibrated_queries']} for calibration" if j.get("judge_calibrated_queries") else ""
         )

@@ -96,7 +96,7 @@ def test_augment_with_an_out_of_sample_judge_says_who_trained_what(tmp_path, fea
     )
     assert r.extra["provenance"] == prov
     table = (tmp_path / "aug" / "table.md").read_text()
-    assert "trained on the human labels of 3 queries (3 for training, 0 for checkpoint" in table
+    assert "trained on the human labels of 3 queries (3 to train), from" in table
     assert (
         "| LambdaMART, 20% human + judge on the rest | 20% of the training folds' human labels + judge"
         in table
@@ -118,6 +118,7 @@ def test_judge_label_queries_adds_calibration_pairs_and_knows_a_zero_shot_judge(
     info = judge_label_queries(_judgments(tmp_path, judge, features_dir))
     assert info["queries"] == {"llmj1", "llmj2", "llmj7", "llmj8"} and info["calibrated"] == 2
     assert info["judge"] == "gemma3-270m+lora+stack"
+    assert info["trained"] == 1 and info["validated"] == 1
 
     zero_shot = judge_label_queries(_judgments(tmp_path, "gemma3-270m", features_dir, "zs"))
     assert zero_shot["queries"] == set() and zero_shot["judge"] == "gemma3-270m"
