@@ -57,13 +57,41 @@ class FeaturesConfig(StageConfig):
     num_gpus_per_actor: float = Field(0, ge=0, description="> 0: the encoder runs on the actor's GPU")
 
 
+#: Read and write tasks are light: they reserve little CPU, so they always fit beside the actor pool (a pool
+#: holding every CPU would starve them and the dataset would hang).
+IO_TASK_CPUS = 0.1
+#: Batches per input block: blocks stay a few batches big, so every actor gets several and none holds a queue.
+BATCHES_PER_BLOCK = 4
+#: Rows per features part file (a write task bundles blocks up to this).
+ROWS_PER_PART = 1 << 16
+#: How long the stage waits for its pool's minimum actors before the first block is handed out: blocks given out
+#: while only one actor is up queue on it and the others stay idle. Long, as a node may be added on demand.
+WAIT_FOR_ACTORS_S = 1800
+
+
+def plan_blocks(n_rows: int, actors: int, batch_size: int) -> tuple[int, int]:
+    """(rows per input block, rows per actor call) for ``n_rows`` pairs over a pool of at most ``actors`` actors.
+
+    Every actor gets at least two calls when there are rows for it (a table smaller than ``actors`` batches
+    gets smaller batches), and no block holds more than ``BATCHES_PER_BLOCK`` batches: one block per table fed
+    one actor while the others idled.
+    """
+    actors = max(1, actors)
+    batch = max(1, min(batch_size, -(-n_rows // (2 * actors))))
+    blocks = max(1, min(n_rows, max(2 * actors, -(-n_rows // (BATCHES_PER_BLOCK * batch)))))
+    return max(1, -(-n_rows // blocks)), batch
+
+
 class FeatureActor:
     """Ray Data callable class: a batch of pairs -> their feature columns. Loads the index and encoder once.
 
-    Input columns: qid, docid, query, text (+ title, label when present). Output: qid, docid, label, FEATURES.
+    Input columns: qid, docid, query, text (+ title, label when present). Output: qid, docid, label, FEATURES,
+    and ``_actor`` (node:pid, for the manifest's rows per actor; not written to the table).
     """
 
     def __init__(self, index_dir: str, encoder: str | None, threads: int, device: str = "cpu"):
+        import socket
+
         import torch
 
         from models.encoder import MeanPoolEncoder
@@ -72,6 +100,7 @@ class FeatureActor:
 
         torch.set_num_threads(threads)
         self.featurize = PairFeaturizer(BM25Index.load(index_dir), MeanPoolEncoder(encoder, device=device))
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from models.features import FEATURES
@@ -83,6 +112,7 @@ class FeatureActor:
         label = batch.column("label") if "label" in batch.column_names else pa.nulls(n, pa.int8())
         cols = {"qid": batch.column("qid"), "docid": batch.column("docid"), "label": label.cast(pa.int8())}
         cols.update({f: pa.array(feats[f], pa.float32()) for f in FEATURES})
+        cols["_actor"] = pa.array([self.actor] * n, pa.string())
         return pa.table(cols)
 
 
@@ -113,11 +143,18 @@ def features(cfg: FeaturesConfig) -> StageResult:
         pairs = T.conform(T.PAIRS, read_table(cfg.pairs), cfg.pairs)
         good, rejected = T.split_rejected(T.PAIRS, pairs, source=cfg.pairs)
         index_dir = build_bm25(cfg, good)
-        # The pairs table is read again by Ray Data, lazily, so the features of millions of pairs stream.
-        ds = ray.data.from_arrow(good) if any(f.suffix != ".parquet" for f in files) or rejected.num_rows else (
-            ray.data.read_parquet([str(f) for f in files]))  # fmt: skip
+        rows_per_block, batch = plan_blocks(good.num_rows, cfg.concurrency[1], cfg.batch_size)
+        # The pairs table is read again by Ray Data, lazily, so the features of millions of pairs stream. A file
+        # is read as one block (an in-memory table is one too): cut into blocks enough for every actor.
+        if any(f.suffix != ".parquet" for f in files) or rejected.num_rows:
+            ds = ray.data.from_arrow(good)
+        else:
+            ds = ray.data.read_parquet([str(f) for f in files], num_cpus=IO_TASK_CPUS)
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+        if cfg.concurrency[0] > 1:
+            ds.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
         ds = ds.map_batches(
-            FeatureActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+            FeatureActor, batch_size=batch, batch_format="pyarrow",
             fn_constructor_kwargs={"index_dir": str(index_dir), "encoder": cfg.encoder,
                                    "threads": max(1, round(cfg.num_cpus_per_actor)),
                                    "device": device_for_gpus(cfg.num_gpus_per_actor)},
@@ -125,27 +162,46 @@ def features(cfg: FeaturesConfig) -> StageResult:
             num_cpus=cfg.num_cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor or None,
         )  # fmt: skip
-        n = _write_parts(ds, out)
+        n, per_actor = _write_parts(ds, out)
         write_table(out / "rejected", rejected)
     return write_stage_files(out, "rank.features", cfg, {"pairs": n, "rejected": rejected.num_rows}, [cfg.pairs],
                              timer.seconds, {"table": "features", "features": list(FEATURES),
-                                             "bm25_index": str(index_dir)})  # fmt: skip
+                                             "bm25_index": str(index_dir), "rows_per_block": rows_per_block,
+                                             "batch_size": batch, "rows_per_actor": per_actor})  # fmt: skip
 
 
-def _write_parts(ds, out: Path) -> int:
-    """Write the dataset as OUT/part-NNNNN.parquet (Ray names files by write UUID: write aside, then rename)."""
+def _write_part(batch: pa.Table, staging: str) -> pa.Table:
+    """Ray Data map_batches fn (tasks): one features part file, written aside; returns rows per actor."""
+    import uuid
+
+    path = Path(staging) / f"{uuid.uuid4().hex}.parquet"
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(batch.drop_columns(["_actor"]), tmp, compression="zstd")
+    os.replace(tmp, path)
+    counts = pc.value_counts(batch.column("_actor"))
+    return pa.table({"actor": counts.field("values"), "rows": counts.field("counts")})
+
+
+def _write_parts(ds, out: Path) -> tuple[int, dict[str, int]]:
+    """Write the dataset as OUT/part-NNNNN.parquet (written aside, then renamed over the old parts); returns the
+    rows written and rows per actor."""
     import shutil
     import uuid
 
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
-    ds.write_parquet(str(staging))
+    staging.mkdir(parents=True)
+    per_actor: dict[str, int] = {}
+    summaries = ds.map_batches(_write_part, batch_size=ROWS_PER_PART, batch_format="pyarrow",
+                               num_cpus=IO_TASK_CPUS, fn_kwargs={"staging": str(staging)})  # fmt: skip
+    for row in summaries.iter_rows():
+        per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + int(row["rows"])
     for old in out.glob("part-*.parquet"):
         old.unlink()
-    files = sorted(staging.glob("*.parquet"))
-    for i, f in enumerate(files):
+    for i, f in enumerate(sorted(staging.glob("*.parquet"))):
         os.replace(f, out / f"part-{i:05d}.parquet")
     shutil.rmtree(staging)
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
+    n = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
+    return n, dict(sorted(per_actor.items()))
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -176,11 +232,27 @@ def read_features(path: str) -> pa.Table:
 
 
 def attach_judge(table: pa.Table, judgments: str | None) -> pa.Table:
-    """Add judge_label / judge_score columns (null where the judge did not grade the pair)."""
+    """Add judge_label / judge_score columns (null where the judge did not grade the pair).
+
+    A pair judged more than once counts once when its judgments agree on the label; disagreeing judgments
+    are a DataError naming the first such pair."""
     if judgments is None:
         return table.append_column("judge_label", pa.nulls(table.num_rows, pa.int8())).append_column(
             "judge_score", pa.nulls(table.num_rows, pa.float32()))  # fmt: skip
     j = read_table(judgments).select(["qid", "docid", "label", "score"])
+    dup = T.duplicate_mask(j, ["qid", "docid"])
+    if dup.any():
+        # Two judgments of one pair would join as two rows of it. Agreeing ones (the same pair judged twice)
+        # are one label; disagreeing ones (two judges' tables put together) leave no label to choose.
+        labels = j.group_by(["qid", "docid"], use_threads=False).aggregate([("label", "count_distinct")])
+        conflict = labels.filter(pc.greater(labels.column("label_count_distinct"), 1))
+        if conflict.num_rows:
+            q, d = conflict.column("qid")[0].as_py(), conflict.column("docid")[0].as_py()
+            raise DataError(f"{judgments}: {conflict.num_rows} (qid, docid) pairs judged more than once with "
+                            f"different labels (first: ({q!r}, {d!r})): keep one judgment per pair")  # fmt: skip
+        log.warning("%s: %d duplicate judgments of pairs judged more than once with the same label: one of each "
+                    "is used", judgments, int(dup.sum()))  # fmt: skip
+        j = j.filter(pa.array(~dup))
     j = j.rename_columns(["qid", "docid", "judge_label", "judge_score"])
     keys = table.select(["qid", "docid"]).append_column("_row", pa.array(np.arange(table.num_rows)))
     joined = keys.join(j, ["qid", "docid"], join_type="left outer", use_threads=False).sort_by("_row")

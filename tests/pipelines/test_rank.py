@@ -19,9 +19,12 @@ from pipelines.rank import (
     attach_judge,
     evaluate,
     features,
+    fit_ranker,
     human_mask,
     predict,
+    read_features,
     run_table,
+    split_queries,
     train,
     training_labels,
 )
@@ -30,9 +33,9 @@ from pipelines.rank import (
 @pytest.fixture(scope="module")
 def feature_table(ray_session, synth_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("rank") / "features"
-    r = features(
-        FeaturesConfig(pairs=str(synth_dataset / "pairs"), docs=str(synth_dataset / "docs"), out=str(out))
-    )
+    # two actors, so the stage's one table must be spread over the pool (test_features_use_every_actor)
+    r = features(FeaturesConfig(pairs=str(synth_dataset / "pairs"), docs=str(synth_dataset / "docs"), out=str(out),
+                                concurrency=(2, 2), num_cpus_per_actor=0.5, batch_size=64))  # fmt: skip
     return out, r
 
 
@@ -60,6 +63,26 @@ def test_features_stage_writes_every_pair_with_finite_features(feature_table, sy
     # grade-3 pairs state the asked fact: they overlap the query more than grade-0 pairs on average
     lab, ov = t.column("label").to_numpy(), t.column("overlap").to_numpy()
     assert ov[lab == 3].mean() > ov[lab == 0].mean()
+    assert "_actor" not in t.column_names
+
+
+def test_features_use_every_actor(feature_table):
+    """One pairs file is one block to Ray Data: cut into blocks, it keeps both actors of a (2, 2) pool busy."""
+    _, r = feature_table
+    per_actor = r.extra["rows_per_actor"]
+    assert len(per_actor) == 2 and all(n > 0 for n in per_actor.values()), per_actor
+    assert sum(per_actor.values()) == r.counts["pairs"]
+
+
+def test_plan_blocks_gives_every_actor_work_in_bounded_blocks():
+    from pipelines.rank import BATCHES_PER_BLOCK, plan_blocks
+
+    assert plan_blocks(1_000_000, 8, 256) == (1024, 256)  # 977 blocks of 4 batches
+    rows, batch = plan_blocks(10, 8, 256)  # fewer rows than actors x batch: smaller batches
+    assert batch == 1 and rows == 1
+    rows, batch = plan_blocks(600, 2, 256)
+    assert batch == 150 and -(-600 // rows) >= 4 and rows <= BATCHES_PER_BLOCK * batch
+    assert plan_blocks(0, 2, 256) == (1, 1)
 
 
 def test_human_mask_keeps_a_share_of_each_query():
@@ -87,6 +110,51 @@ def test_label_sources():
     assert j_idx.tolist() == [0, 1, 2] and h_idx.tolist() == [0, 3]
     with pytest.raises(DataError, match="needs judge labels"):
         training_labels(t.set_column(1, "judge_label", pa.nulls(4, pa.int8())), "mix", keep)
+
+
+def test_label_sources_on_a_union_of_human_and_candidate_pairs():
+    """The table `augrel run` trains on: human-labelled pairs of the training queries (not judged) plus
+    candidate pairs with judge labels only, and candidates the judge could not grade (neither label)."""
+    t = pa.table({"label": pa.array([2, 0, None, None, None], pa.int8()),
+                  "judge_label": pa.array([None, None, 3, 1, None], pa.int8())})  # fmt: skip
+    keep = np.array([True, True, False, False, False])
+    ((idx, y),) = training_labels(t, "human", keep)
+    assert idx.tolist() == [0, 1] and y.tolist() == [2, 0]
+    ((idx, y),) = training_labels(t, "judge", keep)
+    assert idx.tolist() == [2, 3] and y.tolist() == [3, 1]
+    ((idx, y),) = training_labels(t, "mix", keep)
+    assert idx.tolist() == [0, 1, 2, 3] and y.tolist() == [2, 0, 3, 1]  # row 4 has no label: not trained on
+    (j_idx, j_y), (h_idx, h_y) = training_labels(t, "curriculum", keep)
+    assert j_idx.tolist() == [2, 3] and j_y.tolist() == [3, 1]
+    assert h_idx.tolist() == [0, 1] and h_y.tolist() == [2, 0]
+
+
+def test_train_on_a_union_of_human_and_candidate_pairs(feature_table, tmp_path):
+    out, _ = feature_table
+    t = read_features(str(out))
+    rng = np.random.default_rng(3)
+    candidate = rng.random(t.num_rows) < 0.5  # these pairs lost their human label: candidates of the pool
+    ungraded = candidate & (rng.random(t.num_rows) < 0.1)  # candidates the judge did not grade
+    human = t.column("label").to_numpy(zero_copy_only=False)
+    union = t.set_column(t.schema.get_field_index("label"), "label",
+                         pa.array(np.where(candidate, None, human).tolist(), pa.int8()))  # fmt: skip
+    write_table(tmp_path / "features", union)
+    judged = candidate & ~ungraded
+    write_table(tmp_path / "judgments", pa.table({
+        "qid": t.column("qid").filter(pa.array(judged)), "docid": t.column("docid").filter(pa.array(judged)),
+        "label": pa.array(human[judged], pa.int8()), "score": pa.array(human[judged].astype(np.float32))}))  # fmt: skip
+    table = attach_judge(read_features(str(tmp_path / "features")), str(tmp_path / "judgments"))
+    train_q, val_q = split_queries(table.column("qid").to_pylist(), 0.2, 0)
+    rows = {}
+    for source in ("human", "judge", "mix", "curriculum"):
+        cfg = RankTrainConfig(features="-", out="-", label_source=source,
+                              ranker={"min_data_in_leaf": 5, "n_estimators": 10})  # fmt: skip
+        ranker, info = fit_ranker(table, cfg, train_q, val_q)
+        rows[source] = info["label_rows"]
+        assert ranker.info["train_rows"] > 0
+    n_human, n_judged = int((~candidate).sum()), int(judged.sum())
+    assert rows == {"human": [n_human], "judge": [n_judged], "mix": [n_human + n_judged],
+                    "curriculum": [n_judged, n_human]}  # fmt: skip
 
 
 def test_train_predict_eval_beat_chance(feature_table, synth_dataset, tmp_path):
@@ -144,6 +212,21 @@ def test_attach_judge_warns_on_missing(feature_table, tmp_path, caplog):
     write_table(tmp_path / "j2", read_table(j).slice(5))
     joined = attach_judge(t, str(tmp_path / "j2"))
     assert joined.column("judge_label").null_count == 5 and "5 of" in caplog.text
+
+
+def test_attach_judge_keeps_agreeing_duplicates_once_refuses_disagreeing(feature_table, tmp_path, caplog):
+    out, _ = feature_table
+    t = read_features(str(out))
+    j = read_table(_judgments(out, tmp_path / "j"))
+    write_table(tmp_path / "twice", pa.concat_tables([j, j.slice(0, 3)]))  # three pairs judged twice, alike
+    joined = attach_judge(t, str(tmp_path / "twice"))
+    assert joined.num_rows == t.num_rows and joined.column("judge_label").null_count == 0
+    assert "3 duplicate judgments" in caplog.text
+    other = j.slice(0, 1)
+    other = other.set_column(2, "label", pa.array([(other.column("label")[0].as_py() + 1) % 4], pa.int8()))
+    write_table(tmp_path / "conflict", pa.concat_tables([j, other]))
+    with pytest.raises(DataError, match=r"1 \(qid, docid\) pairs judged more than once with different"):
+        attach_judge(t, str(tmp_path / "conflict"))
 
 
 def test_augment_with_a_perfect_judge_matches_full_human_labels(feature_table, tmp_path):
