@@ -86,6 +86,20 @@ def data_section(run: Path) -> str:
     s = _json(run / "splits" / "manifest.json")
     if s:
         out.append(_table([[k, v] for k, v in s["counts"].items()], ["split", "queries"]))
+    use = (_json(run / "pipeline.json") or {}).get("splits_use")
+    if use:
+        out.append("<p>How each split of queries is used: no test query trains or calibrates anything.</p>")
+        out.append(_table([[k, v] for k, v in use.items()], ["split", "used for"]))
+    c = _json(run / "candidates" / "manifest.json")
+    pool = _json(run / "pool" / "manifest.json")
+    if c:
+        cfg = c.get("retrievers", []), c.get("k")
+        out.append(f"<p>Candidates: top {cfg[1]} of {html.escape(' + '.join(cfg[0]))} for every query.</p>")
+        out.append(_table([[k, v] for k, v in c["counts"].items()], ["candidates", "count"]))
+    if pool:
+        out.append(
+            _table([[k, v] for k, v in pool["counts"].items()], ["pool (ranker training pairs)", "count"])
+        )
     v = _json(run / "validation" / "report.json")
     if v is not None:
         out.append(f"<p>Validation: {'valid' if v.get('ok') else 'INVALID'}.</p>")
@@ -152,9 +166,20 @@ def judge_section(run: Path) -> str:
 
 
 def annotation_section(run: Path) -> str:
-    m = _json(run / "judgments" / "manifest.json")
+    out = []
+    for name, what in (("judgments-pool", "The pool: candidate pairs nobody labelled, of non-test queries "
+                        "(the rankers' judge labels)"),
+                       ("judgments", "The test queries' labelled pairs (to measure the judge)")):  # fmt: skip
+        body = _annotation_table(run / name)
+        if body:
+            out.append(f"<h3>{html.escape(what)}</h3>{body}")
+    return "".join(out) or _missing("Annotation")
+
+
+def _annotation_table(path: Path) -> str | None:
+    m = _json(path / "manifest.json")
     if m is None:
-        return _missing("Annotation")
+        return None
     res = m.get("resources", {})
     rows = [[k, v] for k, v in m["counts"].items()]
     rows += [["work units", m.get("units")], ["pairs/s (whole run)", m.get("pairs_per_s")],
@@ -172,28 +197,31 @@ def annotation_section(run: Path) -> str:
 
 def ranking_section(run: Path) -> str:
     out = []
-    m = _json(run / "rank-eval" / "metrics.json")
-    if m:
-        rows = [[k, v] for k, v in m["mean"].items()]
-        meta = _json(run / "ranker" / "ranker.json") or {}
-        source = meta.get("label_source", "human")
-        frac = meta.get("human_fraction", 1.0)
-        labels = {"human": "human labels", "judge": "judge labels", "mix": "human labels where kept, judge labels elsewhere",
-                  "curriculum": "judge labels, then human labels"}.get(source, f"{source} labels")  # fmt: skip
-        kept = f" ({frac:.0%} of the human labels kept)" if source != "judge" and frac < 1 else ""
+    summary = _json(run / "rank-eval" / "summary.json")
+    if summary:
+        pool = (_json(run / "pool" / "manifest.json") or {}).get("counts", {})
         out.append(
-            f"<p>LambdaMART trained on the training queries' {html.escape(labels)}{kept}, scored on "
-            f"{m['n_queries']} test queries against human labels (run: <code>run-lambdamart</code>, baseline: "
-            "<code>run-bm25</code>):</p>"
+            f"<p>LambdaMART rankers, one per label source, on the same features: human labels of the training and "
+            f"validation queries ({pool.get('human_pairs', '?')} pairs) and the judge's labels of "
+            f"{pool.get('unlabelled_pairs', '?')} candidate pairs nobody labelled (training, validation and "
+            f"unlabelled queries). <b>human</b>: human labels only; <b>judge</b>: judge labels only; <b>mix</b>: "
+            f"both; <b>curriculum</b>: judge labels, then more trees on human labels. Scored on "
+            f"{summary['n_queries']} test queries against human labels; <b>bm25</b> and <b>dense</b> (MiniLM "
+            "cosine) rank the same test pairs by one feature. 95% CIs are bootstrap intervals over queries.</p>"
         )
-        out.append(_table(rows, ["measure", "mean"]))
-        vs = m.get("vs_baseline") or {}
-        if vs:
-            out.append(_table([[c["measure"], c["mean_a"], c["mean_b"], c["diff"], _ci(c["ci95"]), c["p_ttest"]]
-                               for c in vs.values()],
-                              ["measure", "baseline", "run", "difference", "95% CI", "p (paired t)"]))  # fmt: skip
-        if (run / "ranker" / "importances.png").exists():
-            out.append(_img(run / "ranker" / "importances.png", "ranker feature importances"))
+        rows = summary["rows"].values()
+        out.append(_table([[r["name"], r.get("ndcg10"), _ci(r.get("ndcg10_ci95")), r.get("mrr10"), r.get("r100"),
+                            r.get("ndcg10_vs_bm25", ""), _ci(r.get("ndcg10_vs_bm25_ci95")), r.get("ndcg10_vs_bm25_p", "")]
+                           for r in rows],
+                          ["ranker", "NDCG@10", "95% CI", "MRR@10", "R@100", "vs BM25", "95% CI", "p (paired t)"]))  # fmt: skip
+        if (run / "rank-eval" / "ndcg10.png").exists():
+            out.append(_img(run / "rank-eval" / "ndcg10.png", "NDCG@10 per ranker with 95% CIs"))
+        served = next(iter(sorted(run.glob("ranker-*/importances.png"))), None)
+        for imp in sorted(run.glob("ranker-*/importances.png")):
+            if imp.parent.name == "ranker-mix":
+                served = imp
+        if served:
+            out.append(_img(served, f"feature importances ({served.parent.name})"))
     else:
         out.append(_missing("Ranker evaluation"))
     a = _json(run / "augment" / "results.json")

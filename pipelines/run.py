@@ -1,16 +1,25 @@
-"""``augrel run PIPELINE.yaml``: the whole method as one DAG of stages, each stage's output the next one's input.
+"""``augrel run PIPELINE.yaml``: the method as one DAG of stages, each stage's output the next one's input.
 
     synth? -> prepare -> validate
-                      -> split -> judge -> annotate -> judge_eval
-                               -> features_train -> ranker -> rank_eval
-                               -> features_test  -> rank_eval, augment (with annotate)
-                      -> index -> serve (ranker, judge)
-    every stage -> report
+                      -> split (train / val / test / unlabelled queries)
+                      -> index (BM25 + FAISS) -> candidates (top-k for every query) -> pool
+    split -> judge (fine-tuned on train, selected and stacked on val)
+          -> annotate (test pairs) -> judge_eval          the judge measured on queries it never saw
+          -> annotate_pool (pool: unlabelled candidates of train/val/unlabelled queries)
+    pool, annotate_pool -> features_train -> rankers (human / judge / mix / curriculum labels)
+    split -> features_test -> rank_eval (every ranker, BM25 and dense baselines, test queries' human labels)
+    features_test, annotate -> augment (cross-validated over the test queries, judge out of sample)
+    index, rankers, judge -> serve; every stage -> report
 
-A stage is skipped when its last run finished, its resolved config hashes the same, the content hashes of its
-inputs (the upstream stages' outputs) are unchanged, and its own outputs still hash as they did: a second run
-with nothing changed does no work, and changing one stage's section reruns that stage and those after it.
-OUT/pipeline.json records the DAG, every stage's config hash, input and output hashes, status and wall time.
+Test queries train and calibrate nothing: the judge learns on train, is selected and stacked on val, labels
+only pairs of non-test queries for the rankers, and every ranking figure is scored on test queries with human
+labels. ``pipeline.json`` records how each split was used (``splits_use``), and the report says it.
+
+A stage is skipped when its last run finished with the same code version, its resolved config hashes the
+same, the content hashes of its inputs (the upstream stages' outputs) are unchanged, and its own outputs still
+hash as they did: a second run with nothing changed does no work, and changing one stage's section reruns that
+stage and those after it. OUT/pipeline.json records the DAG, every stage's config hash, input and output
+hashes, code version, status and wall time.
 
 Each section of the pipeline YAML is the config of one stage (``augrel <stage> --help`` lists its keys); the
 runner fills in the paths that chain the stages. ``--set judge.lr=1e-4`` overrides one value.
@@ -28,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.errors import ConfigError
 from pipelines.stage import StageConfig, code_version
@@ -68,16 +77,60 @@ class PipelineConfig(StageConfig):
     name: str = "augrel"
     out: str = Field(description="run directory; every stage writes a subdirectory of it")
     data: DataSection = DataSection()
+    candidates: dict[str, Any] = Field(
+        default_factory=dict, description="augrel candidates settings (k, retrievers)"
+    )
     judge: dict[str, Any] = Field(default_factory=dict, description="augrel judge finetune settings")
-    annotate_split: str = Field("test", description="the split whose pairs the judge annotates")
-    annotate: dict[str, Any] = Field(default_factory=dict, description="augrel annotate settings")
+    annotate_split: str = Field("test", description="the held-out split whose pairs measure the judge")
+    annotate: dict[str, Any] = Field(
+        default_factory=dict, description="augrel annotate settings (both the test pairs and the pool)"
+    )
     judge_eval: dict[str, Any] = Field(default_factory=dict, description="augrel judge eval settings")
     features: dict[str, Any] = Field(default_factory=dict, description="augrel rank features settings")
-    ranker: dict[str, Any] = Field(default_factory=dict, description="augrel rank train settings")
+    ranker: dict[str, Any] = Field(
+        default_factory=dict,
+        description="augrel rank train settings shared by every ranker; label_source picks the one served",
+    )
+    label_sources: list[Literal["human", "judge", "mix", "curriculum"]] = Field(
+        default_factory=lambda: ["human", "judge", "mix", "curriculum"],
+        description="the rankers trained and evaluated, one per label source",
+    )
     augment: dict[str, Any] = Field(default_factory=dict, description="augrel experiment augment settings")
     index: dict[str, Any] = Field(default_factory=dict, description="augrel index build settings")
     serve: ServeSection = ServeSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _served_ranker_is_trained(self) -> PipelineConfig:
+        if not self.label_sources:
+            raise ValueError("label_sources: train at least one ranker")
+        if len(set(self.label_sources)) != len(self.label_sources):
+            raise ValueError(f"label_sources: {self.label_sources} repeats a source")
+        served = self.served_source
+        if served not in self.label_sources:
+            raise ValueError(
+                f"ranker.label_source: {served!r} is served but not in label_sources {self.label_sources}"
+            )
+        if self.annotate_split in ("train", "val"):
+            raise ValueError(f"annotate_split: {self.annotate_split!r} trained or calibrated the judge; "
+                             "measure it on a held-out split (test)")  # fmt: skip
+        return self
+
+    @property
+    def served_source(self) -> str:
+        return self.ranker.get(
+            "label_source", "mix" if "mix" in self.label_sources else self.label_sources[0]
+        )
+
+
+#: how ``augrel run`` uses each split, recorded in pipeline.json and the report
+SPLITS_USE = {
+    "train": "judge fine-tuning; rankers' human labels; its unlabelled candidates judged for the rankers",
+    "val": "judge checkpoint selection, cut-points and stacking; rankers' human labels; its unlabelled "
+    "candidates judged for the rankers",
+    "unlabelled": "no human label: its candidates judged for the rankers",
+    "test": "scoring only: the judge's agreement and every ranker's metrics, with human labels",
+}
 
 
 @dataclass(frozen=True)
@@ -157,12 +210,38 @@ def _judge(p, out, resume):
     return [_cfg(FinetuneConfig, "judge", p.judge, {**wired, "resume": resume})]
 
 
-def _annotate(p, out, resume):
-    from pipelines.annotate import AnnotateConfig
+def _index(p, out, resume):
+    from pipelines.index import IndexConfig
 
-    wired = {"judge": str(out / "judge"), "pairs": str(out / "splits" / p.annotate_split / "pairs"),
-             "out": str(out / "judgments"), "resume": resume, "overwrite": not resume}  # fmt: skip
-    return [_cfg(AnnotateConfig, "annotate", p.annotate, wired)]
+    return [
+        _cfg(IndexConfig, "index", p.index, {"docs": str(out / "data" / "docs"), "out": str(out / "index")})
+    ]
+
+
+def _candidates(p, out, resume):
+    from pipelines.candidates import CandidatesConfig
+
+    wired = {"queries": str(out / "data" / "queries"), "index": str(out / "index"),
+             "qrels": str(out / "data" / "pairs"), "out": str(out / "candidates")}  # fmt: skip
+    return [_cfg(CandidatesConfig, "candidates", p.candidates, wired)]
+
+
+def _pool(p, out, resume):
+    from pipelines.pool import PoolConfig
+
+    return [PoolConfig(candidates=str(out / "candidates"), splits=str(out / "splits"), out=str(out / "pool"),
+                       hold_out=[p.annotate_split])]  # fmt: skip
+
+
+def _annotate_on(pairs: str, dest: str):
+    def build(p, out, resume):
+        from pipelines.annotate import AnnotateConfig
+
+        wired = {"judge": str(out / "judge"), "pairs": str(out / pairs), "out": str(out / dest),
+                 "resume": resume, "overwrite": not resume}  # fmt: skip
+        return [_cfg(AnnotateConfig, "annotate", p.annotate, wired)]
+
+    return build
 
 
 def _judge_eval(p, out, resume):
@@ -173,55 +252,54 @@ def _judge_eval(p, out, resume):
     return [_cfg(EvalConfig, "judge_eval", p.judge_eval, wired)]
 
 
-def _features(split_name):
+def _features(pairs: str, dest: str):
     def build(p, out, resume):
         from pipelines.rank import FeaturesConfig
 
-        wired = {"pairs": str(out / "splits" / split_name / "pairs"), "docs": str(out / "data" / "docs"),
-                 "out": str(out / f"features-{split_name}")}  # fmt: skip
+        wired = {"pairs": str(out / pairs), "docs": str(out / "data" / "docs"), "out": str(out / dest)}
         return [_cfg(FeaturesConfig, "features", p.features, wired)]
 
     return build
 
 
-def _ranker(p, out, resume):
+def _rankers(p, out, resume):
+    """One ranker per label source, all on the same features (the human-labelled pairs of non-test queries and
+    the judged pool beside them) and the same settings: only the labels differ."""
     from pipelines.rank import RankTrainConfig
 
-    values = {"label_source": "human", **p.ranker}
-    return [
-        _cfg(
-            RankTrainConfig,
-            "ranker",
-            values,
-            {"features": str(out / "features-train"), "out": str(out / "ranker")},
-        )
-    ]
+    values = {k: v for k, v in p.ranker.items() if k != "label_source"}
+    return [_cfg(RankTrainConfig, "ranker", {**values, "label_source": src},
+                 {"features": str(out / "features-train"), "judgments": str(out / "judgments-pool"),
+                  "out": str(out / f"ranker-{src}")})
+            for src in p.label_sources]  # fmt: skip
 
 
 def _rank_eval(p, out, resume):
     from pipelines.rank import RankEvalConfig, RankPredictConfig
 
-    test = str(out / "features-test")
-    return [RankPredictConfig(ranker=str(out / "ranker"), features=test, out=str(out / "run-lambdamart")),
-            RankPredictConfig(feature="bm25", features=test, out=str(out / "run-bm25")),
-            RankEvalConfig(run=str(out / "run-lambdamart"), baseline=str(out / "run-bm25"),
-                           qrels=str(out / "splits" / "test" / "qrels"), out=str(out / "rank-eval"))]  # fmt: skip
+    test, qrels = str(out / "features-test"), str(out / "splits" / p.annotate_split / "qrels")
+    cfgs: list[StageConfig] = [RankPredictConfig(feature=f, features=test, out=str(out / "rank-eval" / f"run-{name}"))
+                               for name, f in BASELINES.items()]  # fmt: skip
+    for src in p.label_sources:
+        cfgs.append(RankPredictConfig(ranker=str(out / f"ranker-{src}"), features=test,
+                                      out=str(out / "rank-eval" / f"run-{src}")))  # fmt: skip
+    for name in [*BASELINES, *p.label_sources]:
+        cfgs.append(RankEvalConfig(run=str(out / "rank-eval" / f"run-{name}"), qrels=qrels,
+                                   baseline=None if name == "bm25" else str(out / "rank-eval" / "run-bm25"),
+                                   out=str(out / "rank-eval" / name)))  # fmt: skip
+    return cfgs
+
+
+#: the rows every ranker is compared with: one feature alone ranks the test pairs
+BASELINES = {"bm25": "bm25", "dense": "dense_cos"}
 
 
 def _augment(p, out, resume):
     from pipelines.experiment import AugmentConfig
 
-    wired = {"features": str(out / f"features-{p.annotate_split}"), "judgments": str(out / "judgments"),
+    wired = {"features": str(out / "features-test"), "judgments": str(out / "judgments"),
              "out": str(out / "augment")}  # fmt: skip
     return [_cfg(AugmentConfig, "augment", p.augment, wired)]
-
-
-def _index(p, out, resume):
-    from pipelines.index import IndexConfig
-
-    return [
-        _cfg(IndexConfig, "index", p.index, {"docs": str(out / "data" / "docs"), "out": str(out / "index")})
-    ]
 
 
 def _serve(p, out, resume):
@@ -234,7 +312,7 @@ def _serve(p, out, resume):
             ServeConfig,
             "serve.settings",
             values,
-            {"ranker": str(out / "ranker"), "index": str(out / "index")},
+            {"ranker": str(out / f"ranker-{p.served_source}"), "index": str(out / "index")},
         )
     ]
 
@@ -276,12 +354,79 @@ def _run_validate(cfgs):
 
 
 def _run_rank_eval(cfgs):
-    from pipelines.rank import evaluate, predict
+    """Predict every ranker and baseline on the test features, score each against the test queries' human
+    labels, and write rank-eval/summary.json, table.md and ndcg10.png: one row per ranker and baseline."""
+    from pipelines.rank import RankEvalConfig, evaluate, predict
 
-    predict(cfgs[0])
-    predict(cfgs[1])
-    r = evaluate(cfgs[2])
-    return {"mean": r.extra["mean"], "vs_baseline": r.extra.get("vs_baseline", {})}
+    results = {}
+    for cfg in cfgs:
+        if isinstance(cfg, RankEvalConfig):
+            results[Path(cfg.out).name] = evaluate(cfg).extra
+        else:
+            predict(cfg)
+    out = Path(cfgs[0].out).parent
+    summary = rank_summary(results, out)
+    return {"ndcg10": {k: v["ndcg10"] for k, v in summary["rows"].items()}, "n_queries": summary["n_queries"]}
+
+
+def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Per ranker: mean NDCG@10 / MRR@10 / R@100 with 95% bootstrap CIs over test queries, and the paired
+    difference from BM25; written as summary.json, table.md and a plot with the intervals."""
+    from eval.ranking import bootstrap_ci
+    from pipelines.io import read_table
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        per_query = read_table(out / name / "per_query")
+        row: dict[str, Any] = {"name": name, "n_queries": r["n_queries"]}
+        for m in ("ndcg10", "mrr10", "r100"):
+            if m in per_query.column_names:
+                row[m] = r["mean"][m]
+                row[f"{m}_ci95"] = list(bootstrap_ci(per_query.column(m).to_pylist()))
+        vs = (r.get("vs_baseline") or {}).get("ndcg10")
+        if vs:
+            row["ndcg10_vs_bm25"] = vs["diff"]
+            row["ndcg10_vs_bm25_ci95"] = vs["ci95"]
+            row["ndcg10_vs_bm25_p"] = vs["p_ttest"]
+        rows[name] = row
+    n = max((r["n_queries"] for r in rows.values()), default=0)
+    summary = {"n_queries": n, "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"Rankers on {n} test queries (human labels; no test query trained or calibrated the judge or a "
+             "ranker); 95% CIs over queries.", "",
+             "| ranker | NDCG@10 | 95% CI | MRR@10 | R@100 | NDCG@10 - BM25 | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def ci(v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+
+    for r in rows.values():
+        lines.append(f"| {r['name']} | {r.get('ndcg10', float('nan')):.4f} | {ci(r.get('ndcg10_ci95'))} | "
+                     f"{r.get('mrr10', float('nan')):.4f} | {r.get('r100', float('nan')):.4f} | "
+                     + (f"{r['ndcg10_vs_bm25']:+.4f} | {ci(r['ndcg10_vs_bm25_ci95'])} | {r['ndcg10_vs_bm25_p']:.3g} |"
+                        if "ndcg10_vs_bm25" in r else " | | |"))  # fmt: skip
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot_rankers(rows, out / "ndcg10.png", n)
+    return summary
+
+
+def _plot_rankers(rows: dict[str, dict[str, Any]], path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows if "ndcg10" in rows[k]]
+    means = [rows[k]["ndcg10"] for k in names]
+    lo = [m - rows[k]["ndcg10_ci95"][0] for k, m in zip(names, means, strict=True)]
+    hi = [rows[k]["ndcg10_ci95"][1] - m for k, m in zip(names, means, strict=True)]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    colors = ["#999999" if k in BASELINES else "#3b6ea8" for k in names]
+    ax.barh(names[::-1], means[::-1], xerr=[lo[::-1], hi[::-1]], color=colors[::-1], capsize=3)
+    ax.set_xlabel(f"NDCG@10 on {n} test queries (95% CI)")
+    ax.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _run_serve(cfgs):
@@ -327,33 +472,49 @@ def _run_report(cfgs):
     return {"report": str(path)}
 
 
+def _run_rankers(cfgs):
+    from pipelines.rank import train
+
+    return {c.label_source: _summary(train(c)) for c in cfgs}
+
+
+def _run_pool(cfgs):
+    from pipelines.pool import run as pool
+
+    return _summary(pool(cfgs[0]))
+
+
 def stages(p: PipelineConfig) -> list[Stage]:
     """The DAG of this pipeline, in an order that runs every stage after the stages it needs."""
     out: list[Stage] = []
     if p.data.source == "synth":
         out.append(Stage("synth", (), ("raw",), _synth, _run_one("pipelines.synth:synth")))
+    sp = p.annotate_split
     out += [
         Stage("prepare", ("synth",) if p.data.source == "synth" else (), ("data",), _prepare,
               _run_one("pipelines.data:prepare")),
         Stage("validate", ("prepare",), ("validation",), _validate, _run_validate),
         Stage("split", ("prepare",), ("splits",), _split, _run_one("pipelines.data:split")),
-        Stage("judge", ("split",), ("judge",), _judge, _run_one("pipelines.finetune_judge:finetune"), resumable=True),
-        Stage("annotate", ("judge", "split"), ("judgments",), _annotate, _run_one("pipelines.annotate:run"),
-              resumable=True),
-        Stage("judge_eval", ("annotate", "split"), ("judge-eval",), _judge_eval, _run_one("pipelines.judge:evaluate")),
-        Stage("features_train", ("split", "prepare"), ("features-train",), _features("train"),
-              _run_one("pipelines.rank:features")),
-        Stage("features_test", ("split", "prepare"), ("features-test",), _features("test"),
-              _run_one("pipelines.rank:features")),
-        Stage("ranker", ("features_train",), ("ranker",), _ranker, _run_one("pipelines.rank:train")),
-        Stage("rank_eval", ("ranker", "features_test", "split"), ("run-lambdamart", "run-bm25", "rank-eval"),
-              _rank_eval, _run_rank_eval),
-        Stage("augment", (f"features_{p.annotate_split}", "annotate"), ("augment",), _augment,
-              _run_one("pipelines.experiment:augment")),
         Stage("index", ("prepare",), ("index",), _index, _run_one("pipelines.index:build")),
+        Stage("candidates", ("prepare", "index"), ("candidates",), _candidates, _run_one("pipelines.candidates:run")),
+        Stage("pool", ("candidates", "split"), ("pool",), _pool, _run_pool),
+        Stage("judge", ("split",), ("judge",), _judge, _run_one("pipelines.finetune_judge:finetune"), resumable=True),
+        Stage("annotate", ("judge", "split"), ("judgments",), _annotate_on(f"splits/{sp}/pairs", "judgments"),
+              _run_one("pipelines.annotate:run"), resumable=True),
+        Stage("judge_eval", ("annotate", "split"), ("judge-eval",), _judge_eval, _run_one("pipelines.judge:evaluate")),
+        Stage("annotate_pool", ("judge", "pool"), ("judgments-pool",), _annotate_on("pool/unlabelled", "judgments-pool"),
+              _run_one("pipelines.annotate:run"), resumable=True),
+        Stage("features_train", ("pool", "prepare"), ("features-train",), _features("pool/*/part-*.parquet", "features-train"),
+              _run_one("pipelines.rank:features")),
+        Stage("features_test", ("split", "prepare"), ("features-test",), _features(f"splits/{sp}/pairs", "features-test"),
+              _run_one("pipelines.rank:features")),
+        Stage("rankers", ("features_train", "annotate_pool"), tuple(f"ranker-{s}" for s in p.label_sources), _rankers,
+              _run_rankers),
+        Stage("rank_eval", ("rankers", "features_test", "split"), ("rank-eval",), _rank_eval, _run_rank_eval),
+        Stage("augment", ("features_test", "annotate"), ("augment",), _augment, _run_one("pipelines.experiment:augment")),
     ]  # fmt: skip
     if p.serve.check:
-        out.append(Stage("serve", ("ranker", "index", "judge"), ("serve",), _serve, _run_serve))
+        out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))
     upstream = tuple(s.name for s in out if s.name != "serve")
     out.append(Stage("report", upstream, ("report",), _report, _run_report))
     return out
@@ -441,8 +602,9 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
     m = _load_manifest(out)
+    version = code_version()
     m.update(name=p.name, dag={s.name: list(s.needs) for s in dag}, order=names,
-             config=p.model_dump(mode="json"))  # fmt: skip
+             config=p.model_dump(mode="json"), splits_use=SPLITS_USE, held_out_split=p.annotate_split)  # fmt: skip
     recs: dict[str, Any] = m.setdefault("stages", {})
     hasher = OutputHasher(m.setdefault("file_hashes", {}))
     forced = set(names[names.index(from_stage) :]) if from_stage else set()
@@ -459,13 +621,15 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
             inputs = {n: recs.get(n, {}).get("output_hash") for n in st.needs if n in names}
             current = hasher(out, st.outputs) if rec.get("status") == "done" else None
             if (st.name not in forced and rec.get("status") == "done" and rec.get("config_hash") == chash
-                    and rec.get("inputs") == inputs and current is not None and current == rec.get("output_hash")):  # fmt: skip
+                    and rec.get("code_version") == version and rec.get("inputs") == inputs
+                    and current is not None and current == rec.get("output_hash")):  # fmt: skip
                 skipped.append(st.name)
                 echo(f"== {i + 1}/{len(dag)} {st.name}: unchanged, skipped")
                 continue
             why = ("forced (--from)" if st.name in forced else "first run" if not rec else
                    "resuming" if interrupted and resume and st.resumable else
                    "interrupted" if interrupted else "config changed" if rec.get("config_hash") != chash else
+                   "code changed" if rec.get("code_version") != version else
                    "inputs changed" if rec.get("inputs") != inputs else "outputs changed or missing")  # fmt: skip
             echo(f"== {i + 1}/{len(dag)} {st.name} ({why}) -> {', '.join(str(out / o) for o in st.outputs)}")
             recs[st.name] = {"status": "running", "config_hash": chash, "inputs": inputs,
@@ -476,7 +640,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
             wall = time.perf_counter() - t0
             recs[st.name] = {**recs[st.name], "status": "done", "output_hash": hasher(out, st.outputs),
                              "wall_s": round(wall, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "result": result, "code_version": code_version()}  # fmt: skip
+                             "result": result, "code_version": version}  # fmt: skip
             _save_manifest(out, m)
             tracker.log_stage(st.name, cfgs, result, wall, [out / o for o in st.outputs])
             ran.append(st.name)
@@ -502,14 +666,11 @@ def headline(out: Path) -> list[str]:
         m = json.loads(a.read_text())
         lines.append(f"annotation: {m['counts'].get('judged', 0):,} pairs judged, {m['counts'].get('rejected', 0):,} "
                      f"rejected, {m.get('steady_pairs_per_s') or m.get('pairs_per_s')} pairs/s")  # fmt: skip
-    r = out / "rank-eval" / "metrics.json"
+    r = out / "rank-eval" / "summary.json"
     if r.exists():
-        m = json.loads(r.read_text())
-        vs = m.get("vs_baseline", {}).get("ndcg10")
-        lines.append(
-            f"ranker NDCG@10 {m['mean']['ndcg10']:.4f}"
-            + (f" (BM25 {vs['mean_a']:.4f}, p={vs['p_ttest']:.3g})" if vs else "")
-        )
+        rows = json.loads(r.read_text())["rows"]
+        lines.append("rankers NDCG@10 on test queries: " + ", ".join(
+            f"{k} {v['ndcg10']:.4f}" for k, v in rows.items() if "ndcg10" in v))  # fmt: skip
     g = out / "augment" / "results.json"
     if g.exists():
         m = json.loads(g.read_text())

@@ -6,6 +6,7 @@ Stage contract (../shared/DESIGN.md): ``XConfig`` validated on load with a messa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -108,7 +109,8 @@ def load_config(
 
 
 def code_version() -> str:
-    """The git commit of the code that ran (with ``+dirty``), or the package version outside a checkout."""
+    """The git commit of the code that ran (``+dirty.<hash of the diff>`` when its Python files are edited), or
+    the package version outside a checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -118,13 +120,12 @@ def code_version() -> str:
             timeout=5,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        # An edited tree is named by a hash of its diff, so `augrel run` reruns stages after every edit,
+        # not only after the first one.
+        diff = subprocess.run(
+            ["git", "-C", str(root), "diff", "HEAD", "--", "*.py"], capture_output=True, timeout=10
+        ).stdout
+        return sha + (f"+dirty.{hashlib.sha256(diff).hexdigest()[:8]}" if diff.strip() else "")
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
 

@@ -43,6 +43,12 @@ class SynthConfig(StageConfig):
         6, ge=0, description="same-aspect passages of other entities per query (grade 0)"
     )
     random_negatives: int = Field(4, ge=0, description="passages of other kinds per query (grade 0)")
+    unjudged: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of queries written without qrels: queries nobody labelled, as in a real query log",
+    )
     seed: int = 7
 
 
@@ -527,6 +533,12 @@ def synth(cfg: SynthConfig) -> StageResult:
     out = Path(cfg.out)
     with Timer() as timer:
         docs, queries, qrels = generate(cfg)
+        if cfg.unjudged:
+            # drawn after generation with a generator of its own, so the corpus is the same as at unjudged=0
+            rng = np.random.default_rng(cfg.seed + 1)
+            qids = [q["_id"] for q in queries]
+            hidden = set(rng.choice(qids, size=round(cfg.unjudged * len(qids)), replace=False).tolist())
+            qrels = [r for r in qrels if r[0] not in hidden]
         (out / "qrels").mkdir(parents=True, exist_ok=True)
         with open(out / "corpus.jsonl", "w") as fh:
             fh.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
@@ -536,7 +548,8 @@ def synth(cfg: SynthConfig) -> StageResult:
             fh.write("query-id\tcorpus-id\tscore\n")
             fh.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in qrels)
     hist = {str(g): sum(1 for *_, x in qrels if x == g) for g in range(4)}
-    counts = {"docs": len(docs), "queries": len(queries), "pairs": len(qrels)}
+    counts = {"docs": len(docs), "queries": len(queries), "pairs": len(qrels),
+              "judged_queries": len({q for q, _, _ in qrels})}  # fmt: skip
     return write_stage_files(
         out, "data.synth", cfg, counts, [], timer.seconds, {"grades": hist, "layout": "beir"}
     )

@@ -84,3 +84,11 @@ def tiny_causal_lm(tmp_path_factory) -> Path:
     from tests.helpers import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny random BERT sentence encoder, for pipelines that need an encoder's shape, not its quality."""
+    from tests.helpers import build_tiny_encoder
+
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))

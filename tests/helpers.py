@@ -88,3 +88,27 @@ def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
+
+
+def build_tiny_encoder(out: Path, seed: int = 0) -> Path:
+    """A tiny random BERT sentence encoder (16-d) with a word-level tokenizer, saved like a hub checkpoint:
+    what `models.encoder.MeanPoolEncoder` loads in place of MiniLM where a test needs speed, not meaning."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *TINY_VOCAB[4:]]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out

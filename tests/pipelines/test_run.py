@@ -12,6 +12,7 @@ import pytest
 from pipelines.errors import ConfigError
 from pipelines.run import PipelineConfig, run, stages
 from pipelines.stage import load_config
+from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,40 +88,81 @@ def test_errors_name_the_pipeline_key(tmp_path):
         load_config(PipelineConfig, None, ["data.sorce=x"], out=str(tmp_path))
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "dl19.yaml", "gpu-cluster.yaml"])
+SHIPPED = ["demo.yaml", "dl19.yaml", "gpu-cluster.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_pipelines_load_and_wire_every_stage(name):
     p = load_config(PipelineConfig, REPO / "configs" / name)
     built = {s.name: s.configs(p, Path(p.out), False) for s in stages(p)}
-    assert {"judge", "annotate", "ranker", "augment", "report"} <= set(built)
+    assert {
+        "candidates",
+        "pool",
+        "judge",
+        "annotate",
+        "annotate_pool",
+        "rankers",
+        "rank_eval",
+        "report",
+    } <= set(built)
+    assert [c.label_source for c in built["rankers"]] == ["human", "judge", "mix", "curriculum"]
+    (pool,) = built["pool"]
+    assert pool.hold_out == [p.annotate_split] == ["test"]
+    assert all(c.judgments.endswith("judgments-pool") for c in built["rankers"])
     if name == "gpu-cluster.yaml":
         (ft,) = built["judge"]
-        assert ft.use_gpu and ft.deepspeed == "zero3_offload" and ft.dtype == "bf16"
-        assert ft.base_model == "google/gemma-2-9b-it"
+        assert ft.use_gpu and ft.dtype == "bf16" and ft.base_model == "google/gemma-2-9b-it"
         (ann,) = built["annotate"]
         assert ann.profile == "gpu-8" and ann.autoscaling_cluster
         (ix,) = built["index"]
         assert ix.num_gpus_per_actor > 0
         (sv,) = built["serve"]
         assert sv.device == "cuda" and sv.retriever == "dense" and sv.judge.path == "/data/runs/prod/judge"
+        assert sv.ranker == "/data/runs/prod/ranker-mix"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list[str]:
+    """``--set`` values that run a shipped pipeline on 2 CPU cores in minutes: tiny random models in place of the
+    judge and the encoders, no GPUs, small pools, few steps and trees, shared data where the config names a
+    cluster volume. Every stage, its wiring and its data flow stay as configured."""
+    sets = [f"out={out}", f"judge.base_model={lm}", "judge.n_train=16", "judge.n_val=8", "judge.batch_size=4",
+            "judge.max_steps=2", "judge.eval_every=1", "judge.num_workers=2", "judge.cpus_per_worker=1",
+            "judge.use_gpu=false", "judge.dtype=fp32", f"judge.stack.encoder={encoder}", "judge.stack.n_pairs=120",
+            f"index.encoder={encoder}", "index.concurrency=1", "index.num_gpus_per_actor=0", "index.kind=flat",
+            f"features.encoder={encoder}", "features.concurrency=[1,1]", "features.num_gpus_per_actor=0",
+            "features.num_cpus_per_actor=1", "candidates.concurrency=[1,1]", "candidates.num_gpus_per_actor=0",
+            "candidates.num_cpus_per_actor=1", "candidates.k=8", "annotate.profile=cpu-small",
+            "annotate.dtype=fp32", "annotate.autoscaling_cluster=false", "annotate.unit_rows=512",
+            "ranker.ranker.n_estimators=20", "augment.folds=2", "augment.seeds=[0]", "augment.ranker.n_estimators=20",
+            "tracking.mlflow_uri=null"]  # fmt: skip
+    if p.data.source == "synth":
+        sets += ["data.synth.entities=12", "data.synth.distractors=2", "data.synth.random_negatives=1"]
+    elif not Path(p.data.src).exists():  # a cluster volume: the same data from the shared folder
+        sets.append(f"data.src={SHARED_DATA / Path(p.data.src).name}")
+    if p.serve.check:
+        sets += [f"serve.settings.port={_free_port()}", "serve.settings.host=127.0.0.1", "serve.settings.device=cpu",
+                 "serve.settings.deployment.num_cpus=0.25", "serve.settings.deployment.num_gpus=0",
+                 "serve.settings.judge.deployment.num_cpus=0.25", "serve.settings.judge.deployment.num_gpus=0",
+                 "serve.settings.judge.dtype=fp32"]  # fmt: skip
+    return sets
+
+
+def _shipped(name: str, out: Path, lm: Path, encoder: Path) -> PipelineConfig:
+    path = REPO / "configs" / name
+    p = load_config(PipelineConfig, path)
+    return load_config(PipelineConfig, path, cpu_overrides(p, out, lm, encoder))
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_session, tiny_causal_lm, tmp_path_factory):
-    """The whole pipeline on a tiny random judge: every stage runs for real, small."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    p = _pipeline(
-        out,
-        judge={"base_model": str(tiny_causal_lm), "n_train": 16, "n_val": 8, "batch_size": 4, "max_steps": 2,
-               "eval_every": 1, "num_workers": 2, "dtype": "fp32", "lr": 1e-2},
-        annotate={"unit_rows": 64},
-        augment={"folds": 2, "seeds": [0], "ranker": {"n_estimators": 20}, "methods": ["bm25", "h20", "h20+judge"]},
-        ranker={"ranker": {"n_estimators": 20}},
-        serve={"check": True, "settings": {"port": port, "deployment": {"num_cpus": 0.25},
-                                           "judge": {"deployment": {"num_cpus": 0.25}}}},
-    )  # fmt: skip
+def full_run(ray_session, tiny_causal_lm, tiny_encoder, tmp_path_factory):
+    """configs/demo.yaml end to end with tiny models: every stage runs for real, small."""
+    p = _shipped("demo.yaml", tmp_path_factory.mktemp("pipeline") / "run", tiny_causal_lm, tiny_encoder)
     return p, run(p, echo=_quiet)
 
 
@@ -128,21 +170,63 @@ def test_the_whole_pipeline_runs_and_a_rerun_does_nothing(full_run):
     p, r = full_run
     assert r.ran == [s.name for s in stages(p)]
     out = Path(p.out)
-    for d in (
-        "judge",
-        "judgments",
-        "judge-eval",
-        "ranker",
-        "rank-eval",
-        "augment",
-        "index",
-        "serve",
-        "report",
-    ):
+    for d in ("candidates", "pool", "judge", "judgments", "judgments-pool", "judge-eval", "ranker-human",
+              "ranker-judge", "ranker-mix", "ranker-curriculum", "rank-eval", "augment", "index", "serve", "report"):  # fmt: skip
         assert (out / d).exists(), d
     assert r.report == str(out / "report" / "index.html")
     again = run(p, echo=_quiet)
     assert again.ran == [] and len(again.skipped) == len(r.ran)
+
+
+def test_no_test_query_is_judged_for_the_rankers_or_trains_anything(full_run):
+    """The judge trains on train, is calibrated on val; the rankers' pool leaves the test queries out; every
+    ranker is scored on test queries only."""
+    import pyarrow.compute as pc
+
+    from pipelines.io import read_table
+
+    p, _ = full_run
+    out = Path(p.out)
+    splits = read_table(out / "splits" / "splits")
+    test_q = set(splits.filter(pc.equal(splits.column("split"), "test")).column("qid").to_pylist())
+    assert test_q
+    judged = set(read_table(out / "judgments-pool").column("qid").to_pylist())
+    trained = set(read_table(out / "features-train").column("qid").to_pylist())
+    assert judged and not judged & test_q and not trained & test_q
+    # the pool holds unlabelled queries' candidates too (the synthetic corpus leaves 30% of queries unjudged)
+    unlabelled = set(splits.filter(pc.equal(splits.column("split"), "unlabelled")).column("qid").to_pylist())
+    assert unlabelled and unlabelled & judged
+    judge_train = {
+        q
+        for f in ("train", "val")
+        for q in read_table(out / "splits" / f / "pairs").column("qid").to_pylist()
+    }
+    assert not judge_train & test_q
+    summary = json.loads((out / "rank-eval" / "summary.json").read_text())
+    assert set(summary["rows"]) == {"bm25", "dense", "human", "judge", "mix", "curriculum"}
+    scored = set(read_table(out / "rank-eval" / "mix" / "per_query").column("qid").to_pylist())
+    assert scored and scored <= test_q
+    m = json.loads((out / "pipeline.json").read_text())
+    assert set(m["splits_use"]) == {"train", "val", "unlabelled", "test"} and m["held_out_split"] == "test"
+
+
+def test_a_code_change_reruns_a_stage(full_run, monkeypatch):
+    from pipelines import run as run_module
+
+    p, _ = full_run
+    monkeypatch.setattr(run_module, "code_version", lambda: "another-commit")
+    r = run(p, until="split", echo=_quiet)
+    assert r.ran == [s.name for s in stages(p)][: len(r.ran)] and "split" in r.ran
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "demo.yaml"])
+def test_every_shipped_pipeline_finishes_on_cpu_with_tiny_models(name, ray_session, tiny_causal_lm, tiny_encoder,
+                                                                 shared_data, tmp_path):  # fmt: skip
+    p = _shipped(name, tmp_path / "run", tiny_causal_lm, tiny_encoder)
+    r = run(p, echo=_quiet)
+    assert r.ran == [s.name for s in stages(p)]
+    summary = json.loads((tmp_path / "run" / "rank-eval" / "summary.json").read_text())
+    assert {"human", "judge", "mix", "curriculum"} <= set(summary["rows"])
 
 
 def test_report_renders_in_headless_chromium(full_run, tmp_path):
