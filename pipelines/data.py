@@ -12,7 +12,7 @@
 Every input row ends up in exactly one table or in ``rejected/``: non-UTF-8 bytes, invalid JSON, missing
 ids, empty queries, duplicate keys, unknown grades and dangling references are rejected with a reason, never
 dropped silently and never a traceback. Splits are by query (``augrel data split``): a query never sits in
-two splits.
+two splits, and queries without a human label form the ``unlabelled`` split.
 """
 
 from __future__ import annotations
@@ -527,6 +527,9 @@ def _value_counts(arr: pa.ChunkedArray) -> dict[Any, int]:
 # ------------------------------------------------------------------------------------------------- splits
 
 SPLIT_TABLES = ("queries", "qrels", "pairs")
+#: The split of queries without a single human label: nothing to train or test on, but the pool the judge
+#: annotates. Not one of ``fractions``; its qrels table is empty.
+UNLABELLED = "unlabelled"
 
 
 class SplitConfig(StageConfig):
@@ -536,7 +539,8 @@ class SplitConfig(StageConfig):
     out: str = Field(description="output directory: splits.parquet plus one dataset directory per split")
     fractions: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2},
-        description="split name -> fraction of the judged queries",
+        description="split name -> fraction of the judged queries (queries without a human label form the "
+        "'unlabelled' split)",
     )
     folds: int = Field(0, ge=0, description="also assign each query a fold 0..folds-1 for cross-validation")
     seed: int = 13
@@ -545,6 +549,9 @@ class SplitConfig(StageConfig):
     def _fractions_sum_to_one(self) -> SplitConfig:
         if not self.fractions or any(v < 0 for v in self.fractions.values()):
             raise ValueError("fractions must be non-negative, e.g. {train: 0.6, val: 0.2, test: 0.2}")
+        if UNLABELLED in self.fractions:
+            raise ValueError(f"fractions: '{UNLABELLED}' is the split of queries without a human label, not one "
+                             "to size: use another name")  # fmt: skip
         if abs(sum(self.fractions.values()) - 1.0) > 1e-6:
             raise ValueError(f"fractions must sum to 1, got {sum(self.fractions.values()):.4f}")
         if self.folds == 1:
@@ -585,34 +592,42 @@ def assign_folds(qids: list[str], folds: int, seed: int) -> dict[str, int]:
 
 
 def split(cfg: SplitConfig) -> StageResult:
+    """Judged queries into ``fractions`` (and folds); every other query, from the pairs or the queries table, into
+    the ``unlabelled`` split, so no pair is dropped."""
     src, out = Path(cfg.src), Path(cfg.out)
     with Timer() as timer:
         try:
             pairs = T.conform(T.PAIRS, read_table(src / "pairs"))
         except DataError as e:
             raise DataError(f"{src}: not a prepared dataset ({e})") from None
-        # Only judged queries are split: unjudged queries carry nothing to train or evaluate on.
         labelled = pairs.filter(pc.is_valid(pairs.column("label")))
-        qids = labelled.column("qid").to_pylist() or pairs.column("qid").to_pylist()
-        assignment = assign_splits(qids, cfg.fractions, cfg.seed)
+        judged = set(labelled.column("qid").to_pylist())
+        every = set(pairs.column("qid").to_pylist())
+        if (src / "queries").exists():
+            every |= set(read_table(src / "queries").column("qid").to_pylist())
+        assignment = assign_splits(sorted(judged), cfg.fractions, cfg.seed)
+        unlabelled = sorted(every - judged)
         cols: dict[str, Any] = {
-            "qid": pa.array(list(assignment), pa.string()),
-            "split": pa.array(list(assignment.values()), pa.string()),
+            "qid": pa.array([*assignment, *unlabelled], pa.string()),
+            "split": pa.array([*assignment.values(), *[UNLABELLED] * len(unlabelled)], pa.string()),
         }
-        if cfg.folds:
+        if cfg.folds:  # folds cross-validate judged queries; an unlabelled query has none
             folds = assign_folds(list(assignment), cfg.folds, cfg.seed)
-            cols["fold"] = pa.array([folds[q] for q in assignment], pa.int8())
+            cols["fold"] = pa.array([*(folds[q] for q in assignment), *[None] * len(unlabelled)], pa.int8())
         splits = pa.table(cols).sort_by("qid")
         write_table(out / "splits", splits)
         counts: dict[str, int] = {}
-        for name in cfg.fractions:
-            chosen = pa.array([q for q, s in assignment.items() if s == name], pa.string())
-            for tname in SPLIT_TABLES:
-                if not (src / tname).exists():
-                    continue
-                table = read_table(src / tname)
+        tables = {t: read_table(src / t) for t in SPLIT_TABLES if (src / t).exists()}
+        for name in [*cfg.fractions, UNLABELLED]:
+            chosen = pa.array(
+                unlabelled if name == UNLABELLED else [q for q, s in assignment.items() if s == name],
+                pa.string(),
+            )
+            for tname, table in tables.items():
                 part = table.filter(pc.is_in(table.column("qid"), value_set=chosen))
                 write_table(out / name / tname, part)
                 counts[f"{name}.{tname}"] = part.num_rows
             counts[f"{name}.queries_split"] = len(chosen)
+        if "queries" not in tables:
+            counts[f"{UNLABELLED}.queries"] = len(unlabelled)
     return write_stage_files(out, "data.split", cfg, counts, [str(src)], timer.seconds)

@@ -1,12 +1,13 @@
 import json
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from pipelines import tables as T
 from pipelines.data import PrepareConfig, SplitConfig, assign_folds, assign_splits, prepare, split
 from pipelines.errors import ConfigError, DataError
-from pipelines.io import read_table
+from pipelines.io import read_table, write_table
 from pipelines.stage import load_config
 
 
@@ -190,3 +191,48 @@ def test_split_stage_writes_query_disjoint_tables(synth_dataset, tmp_path):
 def test_split_config_validates_fractions():
     with pytest.raises(ConfigError, match="sum to 1"):
         load_config(SplitConfig, None, (), src="a", out="b", fractions={"train": 0.5, "test": 0.2})
+
+
+def test_split_keeps_unlabelled_queries_and_their_pairs(tmp_path):
+    """Queries without a human label (only unlabelled pairs, or no pair at all) form the 'unlabelled' split."""
+    src = tmp_path / "pairs.jsonl"
+    rows = [{"qid": f"q{i}", "docid": f"d{j}", "query": f"query {i}", "text": "t", "label": (i + j) % 4}
+            for i in range(6) for j in range(3)]  # fmt: skip
+    # an unlabelled pair of a judged query, and a query with unlabelled pairs only
+    rows += [{"qid": "q0", "docid": "d9", "query": "query 0", "text": "t"}]
+    rows += [{"qid": "u1", "docid": f"d{j}", "query": "unjudged", "text": "t"} for j in range(4)]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data, out = tmp_path / "data", tmp_path / "splits"
+    prepare(PrepareConfig(format="pairs", src=str(src), out=str(data)))
+    # a query in the queries table with no pair at all (TREC DL topics without qrels) is unlabelled too
+    no_pairs = pa.table({"qid": ["u2"], "query": ["no pairs"]})
+    queries = read_table(data / "queries")
+    write_table(data / "queries", pa.concat_tables([queries, no_pairs.cast(queries.schema)]))
+    r = split(SplitConfig(src=str(data), out=str(out), fractions={"train": 0.5, "test": 0.5}, folds=2))
+    splits = read_table(out / "splits")
+    by_split = dict(zip(splits.column("qid").to_pylist(), splits.column("split").to_pylist(), strict=True))
+    assert by_split["u1"] == by_split["u2"] == "unlabelled"
+    assert sorted(q for q, s in by_split.items() if s != "unlabelled") == [f"q{i}" for i in range(6)]
+    folds = dict(zip(splits.column("qid").to_pylist(), splits.column("fold").to_pylist(), strict=True))
+    assert folds["u1"] is None and folds["q0"] in (0, 1)
+    unl = read_table(out / "unlabelled" / "pairs")
+    assert unl.num_rows == 4 and set(unl.column("qid").to_pylist()) == {"u1"}
+    assert sorted(read_table(out / "unlabelled" / "queries").column("qid").to_pylist()) == ["u1", "u2"]
+    assert read_table(out / "unlabelled" / "qrels").num_rows == 0
+    assert r.counts["unlabelled.queries"] == 2 and r.counts["unlabelled.pairs"] == 4
+    # nothing dropped: the judged query's unlabelled pair stays with it, every pair is in one split
+    total = sum(r.counts[f"{s}.pairs"] for s in ("train", "test", "unlabelled"))
+    assert total == read_table(data / "pairs").num_rows == 6 * 3 + 1 + 4
+    assert r.counts["train.queries_split"] + r.counts["test.queries_split"] == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["unlabelled.pairs"] == 4
+    with pytest.raises(ConfigError, match="'unlabelled' is the split of queries without a human label"):
+        load_config(SplitConfig, None, (), src="a", out="b", fractions={"train": 0.5, "unlabelled": 0.5})
+
+
+def test_split_dl19_has_157_unlabelled_queries(shared_data, tmp_path):
+    out = tmp_path / "dl19"
+    prepare(PrepareConfig(format="trec-dl", src=str(shared_data / "trec-dl-2019"), out=str(out / "data")))
+    r = split(SplitConfig(src=str(out / "data"), out=str(out / "splits")))
+    assert r.counts["unlabelled.queries"] == 157 and r.counts["unlabelled.pairs"] == 0
+    assert sum(r.counts[f"{s}.queries_split"] for s in ("train", "val", "test")) == 43
