@@ -106,3 +106,39 @@ def _walk(d: dict[str, Any], prefix: str = ""):
             yield from _walk(v, key + ".")
         else:
             yield key, v
+
+
+#: Share of a GPU's memory the frozen base weights may take under ZeRO-2 (or their 1/world shard under ZeRO-3);
+#: the rest holds activations (batch x sequence x layers), the LoRA weights with their fp32 Adam state, the
+#: grade head and CUDA's own context. LoRA trains ~0.1-1% of the parameters, so their optimizer state is small.
+WEIGHT_SHARE_OF_GPU = 0.6
+
+
+def choose_deepspeed(
+    n_params: int, gpu_bytes: int | None, world: int, bytes_per_param: int = 2
+) -> tuple[str, str]:
+    """The DeepSpeed config ``deepspeed: auto`` means, and why: the least partitioning that fits.
+
+    - ZeRO-2 when the whole frozen base fits one GPU beside the activations: every GPU holds the weights and
+      computes with them where they are (9B in bf16 = 18 GB, on an 80 GB GPU);
+    - ZeRO-3 when only a 1/world shard of it fits: the weights are gathered layer by layer over NVLink/network;
+    - ZeRO-3 with CPU offload only when not even a shard fits: frozen weights cross PCIe every step, several
+      times slower, so it is the last resort, not the default;
+    - ZeRO-2 without a GPU (gloo on CPU workers: the weights live in host memory either way).
+    """
+    weights = n_params * bytes_per_param
+    size = f"{n_params / 1e9:.2f}B parameters x {bytes_per_param} bytes = {weights / 1e9:.1f} GB of weights"
+    if not gpu_bytes:
+        return "zero2", f"{size}; no GPU: ZeRO-2 over gloo (CPU workers keep the weights in host memory)"
+    budget = WEIGHT_SHARE_OF_GPU * gpu_bytes
+    room = f"{WEIGHT_SHARE_OF_GPU:.0%} of {gpu_bytes / 1e9:.1f} GB per GPU = {budget / 1e9:.1f} GB"
+    if weights <= budget:
+        return "zero2", f"{size} fit one GPU ({room}): ZeRO-2, no parameter partitioning or offload"
+    if world > 1 and weights / world <= budget:
+        return "zero3", (
+            f"{size} exceed one GPU ({room}) but a 1/{world} shard fits: ZeRO-3 partitions them over {world} GPUs"
+        )
+    return "zero3_offload", (
+        f"{size}: even a 1/{world} shard exceeds {room}: ZeRO-3 with the parameters and optimizer state "
+        "offloaded to CPU memory (they cross PCIe every step)"
+    )

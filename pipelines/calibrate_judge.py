@@ -3,7 +3,7 @@
 Takes a judge (a fine-tuned directory, or a base model zero-shot) and labelled pairs of queries the judge never
 trained on, draws ``n_pairs`` of them with their natural grade mix (``natural_sample``), scores them with the LLM, adds the MiniLM
 cosine and lexical signals, and fits the ``GradeCombiner`` of ``models.judge_ensemble`` (multinomial logistic
-regression + kappa cut-points). Writes a judge directory whose card names ``combiner.json``: predict, annotate
+regression + kappa cut-points). The card's own cut-points (the LLM alone) are re-tuned on the same pairs. Writes a judge directory whose card names ``combiner.json``: predict, annotate
 and serve then grade with the stacked judge. ``augrel judge finetune`` runs this on its validation queries
 at the end (its ``stack`` section; ``stack: null`` turns it off).
 
@@ -110,7 +110,7 @@ def fit_stack(
     in ``calibrate``)."""
     from dataclasses import asdict
 
-    from eval.agreement import agreement
+    from eval.agreement import agreement, tune_cutpoints
     from models.judge_card import load_judge
     from models.judge_ensemble import cross_validated_grades, fit_stacked, pair_signals
 
@@ -143,8 +143,44 @@ def fit_stack(
     }
     combiner.fit_report = {"pairs": len(human), "queries": len(set(qids.tolist())), "agreement": report,
                            "grades": {str(g): int((human == g).sum()) for g in grades},
-                           "signals": use, "selection": path}  # fmt: skip
+                           "signals": use, "selection": path,
+                           "llm_cutpoints": tune_cutpoints(llm.score, human, grades)}  # fmt: skip
     return asdict(combiner)
+
+
+def tune_llm_cutpoints(
+    judge: str, pairs: dict[str, list], *, batch_size: int = 16, dtype: str = "auto", device: str = "auto"
+) -> list[float]:
+    """The cut-points of ``judge``'s LLM, tuned for kappa on ``pairs`` (columns query, text, title, url, label):
+    labelled pairs of held-out queries in the grade mix the judge will grade. Runs where it is called."""
+    from eval.agreement import tune_cutpoints
+    from models.judge_card import load_judge
+
+    j = load_judge(judge, dtype=dtype, device=device)
+    llm = j.llm_scorer(batch_size).score(pairs["query"], pairs["text"], pairs["title"], pairs["url"])
+    return tune_cutpoints(llm.score, np.asarray(pairs["label"], dtype=int), list(j.card.grades))
+
+
+def natural_cutpoints(
+    judge: str,
+    table: pa.Table,
+    *,
+    num_gpus: float = 0,
+    num_cpus: float = 1,
+    batch_size: int = 16,
+    dtype: str = "auto",
+) -> list[float]:
+    """``tune_llm_cutpoints`` in a Ray task with these resources (a GPU on a cluster: the driver pod never loads
+    the model)."""  # fmt: skip
+    import ray
+
+    from models.loading import device_for_gpus
+
+    cols = {c: table.column(c).to_pylist() for c in ("query", "text", "title", "url", "label")}
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_calls=1)(tune_llm_cutpoints)
+    return ray.get(
+        task.remote(judge, cols, batch_size=batch_size, dtype=dtype, device=device_for_gpus(num_gpus))
+    )
 
 
 def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **kw: Any) -> dict[str, Any]:
@@ -181,6 +217,8 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
                          max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens)  # fmt: skip
     combiner.save(out)
     card.combiner = COMBINER_FILE
+    # the LLM's own cut-points, tuned on the same natural-mix pairs (used where the LLM grades alone)
+    card.cutpoints = combiner.fit_report["llm_cutpoints"]
     card.metrics = {**card.metrics, "stack": combiner.fit_report}
     card.save(out)
     return combiner.fit_report

@@ -4,7 +4,10 @@ Paper 1's recipe: about 1,000 class-balanced human labels for training and 250 f
 LoRA on a small causal LM, loss = cross-entropy over the grade tokens at the answer position.
 
 Runs as a Ray Train ``TorchTrainer``: each worker holds the model with a PEFT LoRA adapter inside a DeepSpeed
-engine (ZeRO-2 by default, ZeRO-3 with CPU offload selectable; bf16 where supported; gloo on CPU, NCCL on GPU).
+engine (``deepspeed: auto`` picks ZeRO-2, ZeRO-3 or ZeRO-3 with CPU offload from the model's size and the workers'
+GPU memory, see ``cluster.profiles.choose_deepspeed``; bf16 where supported; gloo on CPU, NCCL on GPU). Each
+worker resolves the base model on its own node (the offline alias converts into that node's cache): the driver
+ships the model's name, never a path of its own node.
 Checkpoints (adapter, optimizer and scheduler state, step) are reported to Ray Train at every evaluation and
 ``FailureConfig`` restarts a run whose worker died from the last one. The best checkpoint by validation kappa
 (not loss: labels are noisy, see ../shared/notes/judge-levers.md) becomes the judge:
@@ -12,6 +15,9 @@ Checkpoints (adapter, optimizer and scheduler state, step) are reported to Ray T
     OUT/adapter/          the LoRA adapter (safetensors)
     OUT/judge_card.json   base model, prompt version, data, validation metrics, tuned cut-points
     OUT/config.yaml       this config, resolved
+
+Runs are named by a fingerprint of config + data under ``storage_path``; a run never removes another (two jobs
+sharing a volume keep their checkpoints; ``resume: false`` restarts only its own run).
 
 Training examples are few (about a thousand), so the driver samples them once and each worker takes a
 deterministic slice of each epoch's permutation: a resumed run sees exactly the batches it had not seen.
@@ -27,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +43,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines import tables as T
-from pipelines.calibrate_judge import StackSettings, stack_judge
+from pipelines.calibrate_judge import StackSettings, natural_cutpoints, stack_judge
 from pipelines.data import assign_splits
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
@@ -97,7 +104,12 @@ class FinetuneConfig(StageConfig):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
-    deepspeed: str = Field("zero2", description="zero2, zero3_offload, or a path to a DeepSpeed JSON")
+    deepspeed: str = Field(
+        "auto",
+        description="auto (from the model's size and the GPUs' memory: ZeRO-2 when the bf16 base fits one GPU, "
+        "ZeRO-3 when a shard does, ZeRO-3 with CPU offload otherwise), zero2, zero3, zero3_offload, or a path "
+        "to a DeepSpeed JSON",
+    )
     dtype: str = Field("auto", pattern="^(auto|bf16|fp32)$")
     max_failures: int = Field(
         2, ge=0, description="worker failures to recover from (from the last checkpoint)"
@@ -105,6 +117,12 @@ class FinetuneConfig(StageConfig):
     storage_path: str | None = Field(None, description="Ray Train storage (default: OUT/ray_train)")
     resume: bool = Field(
         True, description="continue from OUT/ray_train's last checkpoint if a run was cut off"
+    )
+    cutpoint_pairs: int = Field(
+        1000,
+        gt=0,
+        description="validation-query pairs, drawn in their natural grade mix, the judge's cut-points are tuned "
+        "on (with a stack: the stack's n_pairs); the class-balanced validation sample only ranks checkpoints",
     )
     stack: StackSettings | None = Field(
         default_factory=StackSettings,
@@ -116,6 +134,17 @@ class FinetuneConfig(StageConfig):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed(cls, v: str) -> str:
+        from cluster.profiles import deepspeed_names
+
+        if v != "auto" and not Path(v).suffix and v not in deepspeed_names():
+            raise ValueError(
+                f"{v!r}: use auto, {', '.join(deepspeed_names())}, or a path to a DeepSpeed JSON"
+            )
+        return v
 
     @field_validator("num_workers")
     @classmethod
@@ -205,6 +234,10 @@ def split_pools(cfg: FinetuneConfig) -> tuple[pa.Table, pa.Table]:
     return pool, val_pool
 
 
+def _grade_hist(t: pa.Table, grades: list[int]) -> dict[str, int]:
+    return {str(g): int(pc.sum(pc.equal(t.column("label"), g)).as_py() or 0) for g in grades}
+
+
 def sample_train_val(
     cfg: FinetuneConfig, pools: tuple[pa.Table, pa.Table] | None = None
 ) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
@@ -219,9 +252,6 @@ def sample_train_val(
             natural_sample(val_pool, cfg.n_val, cfg.seed + 1),
         )
 
-    def hist(t: pa.Table) -> dict[str, int]:
-        return {str(g): int(pc.sum(pc.equal(t.column("label"), g)).as_py() or 0) for g in cfg.grades}
-
     summary = {
         "train_sources": cfg.train,
         "val_sources": cfg.val or "held-out queries of train",
@@ -229,8 +259,8 @@ def sample_train_val(
         "val_pairs": val.num_rows,
         "train_queries": len(pc.unique(train.column("qid"))),
         "val_queries": len(pc.unique(val.column("qid"))),
-        "train_grades": hist(train),
-        "val_grades": hist(val),
+        "train_grades": _grade_hist(train, cfg.grades),
+        "val_grades": _grade_hist(val, cfg.grades),
         "sampling": cfg.sampling,
     }
     return train, val, summary
@@ -240,17 +270,17 @@ def sample_train_val(
 
 
 #: config fields that do not change what is trained
-_NOT_TRAINING = {"out", "resume", "storage_path", "max_failures", "stack"}
+_NOT_TRAINING = {"out", "resume", "storage_path", "max_failures", "stack", "cutpoint_pairs"}
 
 
-def training_fingerprint(cfg: FinetuneConfig, train: pa.Table, val: pa.Table, model_path: str) -> str:
-    """12 hex digits over the training settings, the base model and the sampled pairs (Ray Train's run name)."""
+def training_fingerprint(cfg: FinetuneConfig, train: pa.Table, val: pa.Table) -> str:
+    """12 hex digits over the training settings (the base model's name among them) and the sampled pairs
+    (Ray Train's run name). The name, not a resolved path: the offline alias resolves into each node's cache."""
     import hashlib
 
     h = hashlib.sha256(
         json.dumps(cfg.model_dump(mode="json", exclude=_NOT_TRAINING), sort_keys=True).encode()
     )
-    h.update(str(model_path).encode())
     for t in (train, val):
         h.update(json.dumps(t.select(["qid", "docid", "label"]).to_pydict(), default=str).encode())
     return h.hexdigest()[:12]
@@ -268,10 +298,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
-    from cluster.profiles import deepspeed_config, zero_stage
+    from cluster.profiles import choose_deepspeed, deepspeed_config, zero_stage
     from eval.agreement import agreement, cohen_kappa, grades_from_cutpoints, tune_cutpoints
-    from models.judge import GradeHead, LabelTokenScorer, PairEncoder, pad_left
-    from models.loading import load_causal_lm, resolve_dtype
+    from models.judge import GradeHead, LabelTokenScorer, PairEncoder, pad_left, shared_prefix_cache
+    from models.loading import load_causal_lm, parameter_count, resolve_dtype
     from models.losses import GradeTokenCrossEntropy
     from models.prompts import get_template
 
@@ -283,13 +313,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"
 
+    dtype = "bf16" if resolve_dtype(cfg.dtype, device) == torch.bfloat16 else "fp32"
+    ds_name, ds_reason = cfg.deepspeed, "set in the config"
+    if ds_name == "auto":
+        # The smallest GPU of any worker decides, and every rank takes the same decision (ZeRO stages differ
+        # in their collectives: ranks that disagreed would hang).
+        gpu = torch.cuda.get_device_properties(torch.device(device)).total_memory if cfg.use_gpu else 0
+        gpus: list[Any] = [None] * world
+        dist.all_gather_object(gpus, gpu)
+        ds_name, ds_reason = choose_deepspeed(parameter_count(cfg.base_model), min(gpus) or None, world,
+                                              2 if dtype == "bf16" else 4)  # fmt: skip
+    if rank == 0:
+        print(f"deepspeed: {ds_name} ({ds_reason})", flush=True)
     # Under ZeRO-3 DeepSpeed partitions the weights itself (to GPUs, or to CPU with offload): loading the whole
     # model onto each GPU first would need the memory ZeRO-3 is there to save. The dtype follows the device
-    # that trains, not the one that loads.
-    dtype = "bf16" if resolve_dtype(cfg.dtype, device) == torch.bfloat16 else "fp32"
-    lm = load_causal_lm(
-        config["model_path"], dtype=dtype, device="cpu" if zero_stage(cfg.deepspeed) == 3 else device
-    )
+    # that trains, not the one that loads. The model is resolved here, on this worker's node.
+    lm = load_causal_lm(cfg.base_model, dtype=dtype, device="cpu" if zero_stage(ds_name) == 3 else device)
     bf16 = lm.dtype == torch.bfloat16
     template = get_template(cfg.template).with_limits(cfg.max_doc_tokens, cfg.max_query_tokens)
     encoder = PairEncoder(lm.tokenizer, template, cfg.grades)
@@ -311,7 +350,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / max(1, total_steps))
     )
-    ds_cfg = deepspeed_config(cfg.deepspeed, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
+    ds_cfg = deepspeed_config(ds_name, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
                               bf16=bf16)  # fmt: skip
     ds_cfg["zero_force_ds_cpu_optimizer"] = (
         False  # our torch AdamW also with ZeRO-Offload: no JIT-built op needed
@@ -353,8 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              position_ids=pos.to(engine.device), use_cache=False)  # fmt: skip
         else:
             with torch.no_grad():
-                cache = head.decoder(input_ids=prefix, use_cache=True).past_key_values
-            cache.batch_repeat_interleave(b)
+                cache = shared_prefix_cache(head.decoder(input_ids=prefix, use_cache=True).past_key_values, b)
             attention = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
             pos = (p + mask.cumsum(1) - 1).clamp(min=p)
             logits, _ = head(input_ids=ids, attention_mask=attention, position_ids=pos, past_key_values=cache,
@@ -408,12 +446,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
-            if config.get("fault_exit_at_step") == step and rank == world - 1 and not ckpt:
-                # A worker dies on the first attempt (tests recovery from the last checkpoint). The wait lets
-                # Ray Train's controller poll the previous step's report first, as it would between real
-                # steps: a report made a few ms before a death can be lost, and the restart go back further.
-                time.sleep(3)
-                os._exit(1)
+            if config.get("after_step") is not None:  # a caller's hook: the recovery test kills a worker
+                config["after_step"](step=step, rank=rank, world=world, resumed=bool(ckpt))
             losses.append(float(loss.detach()))
             if step % eval_every == 0 or step == total_steps:
                 metrics = evaluate()
@@ -436,9 +470,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         if rank == 0:
                             engine.module.save_pretrained(os.path.join(tmp, "adapter"))
                     if rank == 0:
-                        Path(tmp, "state.json").write_text(
-                            json.dumps({"step": step, "history": history, "resumed_from": resumed_from})
-                        )
+                        Path(tmp, "state.json").write_text(json.dumps(
+                            {"step": step, "history": history, "resumed_from": resumed_from,
+                             "deepspeed": ds_name, "deepspeed_reason": ds_reason}))  # fmt: skip
                         Path(tmp, "val_scores.json").write_text(json.dumps(val_scores))
                         print(f"step {step}/{total_steps} loss {metrics['train_loss']:.4f} "
                               f"val kappa {metrics['val_kappa']:.3f} (cut-points {metrics['val_kappa_cut']:.3f}) "
@@ -456,15 +490,17 @@ def _nan_low(x: float | None) -> float:
     return float("-inf") if x is None or math.isnan(x) else x
 
 
-def finetune(cfg: FinetuneConfig) -> StageResult:
-    """Sample the data, run the Ray Train job, and write the best checkpoint as a judge directory."""
+def finetune(cfg: FinetuneConfig, *, after_step: Callable[..., None] | None = None) -> StageResult:
+    """Sample the data, run the Ray Train job, and write the best checkpoint as a judge directory.
+
+    ``after_step``: called on every worker after each optimizer step, before that step's checkpoint, with
+    ``step``, ``rank``, ``world`` and ``resumed`` (the attempt started from a checkpoint) as keywords; it is
+    shipped to the workers, so it must pickle. The killed-worker recovery test kills a worker from it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.embedded import init_ray
-    from eval.agreement import tune_cutpoints
     from models.judge_card import JudgeCard
-    from models.loading import resolve_model_path
     from models.prompts import get_template
 
     out = Path(cfg.out).resolve()
@@ -476,11 +512,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             raise ConfigError(
                 f"batch_size: {cfg.batch_size} is more than the {train.num_rows} training pairs"
             )
-        model_path = resolve_model_path(
-            cfg.base_model
-        )  # convert the offline GGUF once, before the workers start
         storage = Path(cfg.storage_path or out / "ray_train").resolve()
-        run_name = f"finetune-{training_fingerprint(cfg, train, val, model_path)}"
+        run_name = f"finetune-{training_fingerprint(cfg, train, val)}"
         run_config = RunConfig(
             name=run_name,
             storage_path=str(storage),
@@ -489,9 +522,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                 num_to_keep=2, checkpoint_score_attribute="val_kappa_cut", checkpoint_score_order="max"
             ),
         )
-        loop_config = {"cfg": cfg.model_dump(mode="json"), "model_path": model_path,
-                       "train": _rows(train), "val": _rows(val),
-                       "fault_exit_at_step": int(os.environ.get("AUGREL_FINETUNE_FAULT_STEP", 0)) or None}  # fmt: skip
+        loop_config = {"cfg": cfg.model_dump(mode="json"), "train": _rows(train), "val": _rows(val),
+                       "after_step": after_step}  # fmt: skip
         scaling = ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -501,15 +533,11 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         # Ray Train resumes a run by name: a run under the same storage path and name starts from its latest
         # checkpoint (a driver that was cut off, a machine that rebooted; a finished run is reused as it is).
         # The name carries a fingerprint of everything that shapes the training, so a changed config or data
-        # never continues another run's checkpoint. resume=False starts afresh.
-        for old_run in storage.glob("finetune*"):
-            if old_run.is_dir() and (old_run.name != run_name or not cfg.resume):
-                log.info(
-                    "removing %s: %s",
-                    old_run,
-                    "resume=false" if old_run.name == run_name else "another config's run",
-                )
-                shutil.rmtree(old_run)
+        # never continues another run's checkpoint. resume=False starts this run afresh. Other runs under the
+        # storage path are never touched: they may be another job's, live, on a volume both jobs share.
+        if not cfg.resume and (storage / run_name).is_dir():
+            log.info("removing %s: resume=false", storage / run_name)
+            shutil.rmtree(storage / run_name)
         trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                                torch_config=torch_config, run_config=run_config)  # fmt: skip
         result = trainer.fit()  # raises once a failure exceeds max_failures
@@ -519,11 +547,9 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             if (out / "adapter").exists():
                 shutil.rmtree(out / "adapter")
             shutil.copytree(Path(d) / "adapter", out / "adapter")
-            val_scores = json.loads(Path(d, "val_scores.json").read_text())
         with result.checkpoint.as_directory() as d:  # the latest: the whole history, not the best's prefix
             state = json.loads(Path(d, "state.json").read_text())
             history, resumed_from = state["history"], state.get("resumed_from", [])
-        cut = tune_cutpoints(np.array(val_scores["score"]), np.array(val_scores["human"]), cfg.grades)
         template = get_template(cfg.template).with_limits(cfg.max_doc_tokens, cfg.max_query_tokens)
         metrics = {
             k: v for k, v in best_metrics.items() if k.startswith("val_") or k in ("step", "train_loss")
@@ -531,22 +557,36 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         card = JudgeCard(
             base_model=cfg.base_model, prompt_template=template.name, prompt_version=template.version,
             grades=cfg.grades, max_doc_tokens=cfg.max_doc_tokens, max_query_tokens=cfg.max_query_tokens,
-            adapter="adapter", data=data_summary, metrics=metrics, cutpoints=cut,
-            training={"lora": cfg.lora.model_dump(), "deepspeed": cfg.deepspeed, "num_workers": cfg.num_workers,
+            adapter="adapter", data=data_summary, metrics=metrics, cutpoints=None,
+            training={"lora": cfg.lora.model_dump(), "deepspeed": state.get("deepspeed", cfg.deepspeed),
+                      "deepspeed_reason": state.get("deepspeed_reason"), "num_workers": cfg.num_workers,
                       "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "history": history,
                       "resumed_from_steps": resumed_from, "ray_train_run": str(storage / run_name)},
         )  # fmt: skip
+        # Cut-points are tuned where they are applied: on pairs in their natural grade mix (the pool annotate
+        # grades is mostly grade 0). Cut-points tuned on the class-balanced sample put too few pairs in grade 0.
+        calib = natural_sample(pools[1], cfg.stack.n_pairs if cfg.stack else cfg.cutpoint_pairs, cfg.seed + 2)
+        card.data["cutpoints_tuned_on"] = {"pairs": calib.num_rows, "queries": len(pc.unique(calib.column("qid"))),
+                                           "sampling": "natural", "grades": _grade_hist(calib, cfg.grades)}  # fmt: skip
         card.save(out)
+        num_gpus = 1 if cfg.use_gpu else 0
         if cfg.stack is not None:
             stack = cfg.stack
-            if cfg.use_gpu and not stack.num_gpus:
-                stack = stack.model_copy(update={"num_gpus": 1})
-            calib = natural_sample(pools[1], stack.n_pairs, cfg.seed + 2)
-            print(
-                f"stacking the judge: scoring {calib.num_rows} validation-query pairs (natural grade mix)",
-                flush=True,
-            )
+            if num_gpus and not stack.num_gpus:
+                stack = stack.model_copy(update={"num_gpus": num_gpus})
+            print(f"stacking the judge and tuning its cut-points: scoring {calib.num_rows} validation-query "
+                  "pairs (natural grade mix)", flush=True)  # fmt: skip
             metrics["stack"] = stack_judge(str(out), out, calib, stack, dtype=cfg.dtype)
+            cut = JudgeCard.load(
+                out
+            ).cutpoints  # stack_judge tuned the LLM's own cut-points on the same pairs
+        else:
+            print(f"tuning the judge's cut-points on {calib.num_rows} validation-query pairs (natural grade mix)",
+                  flush=True)  # fmt: skip
+            cut = natural_cutpoints(str(out), calib, num_gpus=num_gpus, batch_size=max(8, cfg.batch_size),
+                                    dtype=cfg.dtype)  # fmt: skip
+            card.cutpoints = cut
+            card.save(out)
     return write_stage_files(
         out, "judge.finetune", cfg, {"train_pairs": train.num_rows, "val_pairs": val.num_rows},
         cfg.train + (cfg.val or []), timer.seconds, {"metrics": metrics, "cutpoints": cut, "storage": str(storage)},

@@ -342,3 +342,37 @@ def test_real_gguf_conversion_in_two_processes_at_once(tmp_path):
     assert sum(e.count("converting ") for _, e in outs) == 1
     lm = load_causal_lm(str(tmp_path / "home" / "models" / "gemma-3-270m-q4_k_m"), device="cpu")
     assert lm.model.config.model_type == "gemma3_text"
+
+
+@pytest.mark.gpu
+def test_prefix_cache_on_a_gpu_at_batch_256_scores_like_the_plain_path_in_less_memory(tiny_causal_lm):
+    """At batch 256 the broadcast prefix gives the plain path's grades, and its peak memory stays below the
+    per-row copy's (the former path: the prefix repeated for each row)."""
+    lm = load_causal_lm(str(tiny_causal_lm), dtype="fp32", device="cuda")
+    s = LabelTokenScorer(lm.model, lm.tokenizer, UMBRELA, batch_size=256)
+    qs, ts = QUERIES * 52, TEXTS * 52
+    cached = s.score(qs, ts, use_prefix_cache=True)
+    np.testing.assert_allclose(cached.probs, s.score(qs, ts, use_prefix_cache=False).probs, atol=1e-4)
+
+    def peak(cache_for_batch) -> int:
+        import models.judge as judge
+
+        real = judge.shared_prefix_cache
+        judge.shared_prefix_cache = cache_for_batch
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            s.score(qs, ts, use_prefix_cache=True)
+            return torch.cuda.max_memory_allocated()
+        finally:
+            judge.shared_prefix_cache = real
+
+    def repeated(prefix, b):
+        import copy
+
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(b)
+        return cache
+
+    from models.judge import shared_prefix_cache
+
+    assert peak(shared_prefix_cache) < peak(repeated)

@@ -14,6 +14,7 @@ from pipelines.finetune_judge import (
     FinetuneConfig,
     class_balanced_sample,
     finetune,
+    natural_sample,
     sample_train_val,
     split_pools,
 )
@@ -87,6 +88,17 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
         assert isinstance(judge.scorer(batch_size=4), EnsembleScorer)
     else:
         assert card.combiner is None and isinstance(judge.scorer(batch_size=4), LabelTokenScorer)
+    # the cut-points are tuned on validation-query pairs in their natural grade mix (the balanced validation
+    # sample only ranked the checkpoints), by the judge as saved
+    from eval.agreement import tune_cutpoints
+
+    calib = natural_sample(split_pools(cfg)[1], 40 if zero == "zero2" else cfg.cutpoint_pairs, cfg.seed + 2)
+    assert card.data["cutpoints_tuned_on"]["sampling"] == "natural"
+    assert card.data["cutpoints_tuned_on"]["pairs"] == calib.num_rows
+    natural = judge.llm_scorer(batch_size=8).score(calib.column("query").to_pylist(), calib.column("text").to_pylist(),
+                                                   calib.column("title").to_pylist(), calib.column("url").to_pylist())  # fmt: skip
+    human = calib.column("label").to_numpy()
+    np.testing.assert_allclose(card.cutpoints, tune_cutpoints(natural.score, human, cfg.grades), atol=1e-4)
     _, val, _ = sample_train_val(cfg)
     rows = {(q, h): None for q, h in zip(val_scores["qid"], val_scores["human"], strict=True)}
     assert len(rows) >= 1
@@ -101,33 +113,48 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_a_finished_run_is_reused(
-    ray_session, tiny_causal_lm, synth_dataset, tmp_path, monkeypatch
+    ray_session, tiny_causal_lm, synth_dataset, tmp_path
 ):
-    """FailureConfig: a worker process that dies (os._exit at step 2 of the first attempt, before step 2's
-    checkpoint) is replaced and training continues from step 1's checkpoint. The same config run again reuses
-    the finished run; a changed config starts its own run."""
-    out = tmp_path / "judge"
+    """FailureConfig: a worker process that dies (killed by the test's after_step hook at step 2 of the first
+    attempt, before step 2's checkpoint) is replaced and training continues from step 1's checkpoint. The same
+    config run again reuses the finished run. Another job with another config under the same storage path (two
+    jobs sharing a volume) trains a run of its own, and both runs keep their checkpoints."""
+
+    def kill_last_worker_at_step_2(step, rank, world, resumed):
+        if step == 2 and rank == world - 1 and not resumed:
+            import os
+            import time
+
+            # The wait lets Ray Train's controller poll step 1's report first, as it would between real steps:
+            # a report made a few ms before a death can be lost, and the restart go back further.
+            time.sleep(3)
+            os._exit(1)
+
+    out, storage = tmp_path / "judge", tmp_path / "shared-volume"
     cfg = FinetuneConfig(base_model=str(tiny_causal_lm), train=[str(synth_dataset / "pairs")], out=str(out),
                          n_train=16, n_val=8, batch_size=4, max_steps=3, eval_every=1, num_workers=2,
-                         dtype="fp32", lr=1e-2, max_failures=1, stack=None)  # fmt: skip
-    monkeypatch.setenv("AUGREL_FINETUNE_FAULT_STEP", "2")
-    finetune(cfg)
+                         dtype="fp32", lr=1e-2, max_failures=1, stack=None, cutpoint_pairs=24,
+                         storage_path=str(storage))  # fmt: skip
+    finetune(cfg, after_step=kill_last_worker_at_step_2)
     card = JudgeCard.load(out)
     assert card.training["resumed_from_steps"] == [1]
     assert [h["step"] for h in card.training["history"]] == [1, 2, 3]
+    assert card.training["deepspeed"] == "zero2" and "no GPU" in card.training["deepspeed_reason"]  # auto
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    monkeypatch.delenv("AUGREL_FINETUNE_FAULT_STEP")
     finetune(cfg)  # the same config: the finished run is reused, nothing trains again
     again = JudgeCard.load(out)
     assert again.training["history"] == card.training["history"]
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
-    finetune(cfg.model_copy(update={"lr": 2e-2, "max_steps": 1}))  # another config: a run of its own
-    other = JudgeCard.load(out)
+    other_out = tmp_path / "other-judge"
+    finetune(cfg.model_copy(update={"lr": 2e-2, "max_steps": 1, "out": str(other_out)}))
+    other = JudgeCard.load(other_out)
     assert other.training["ray_train_run"] != card.training["ray_train_run"]
     assert [h["step"] for h in other.training["history"]] == [1] and other.training[
         "resumed_from_steps"
     ] == []
-    assert not Path(card.training["ray_train_run"]).exists()
+    for run in (card, other):  # neither job removed the other's checkpoints
+        assert Path(run.training["ray_train_run"]).parent == storage
+        assert list(Path(run.training["ray_train_run"]).glob("checkpoint_*"))
 
 
 def test_batch_size_must_split_over_the_workers_and_labels_must_be_grades(synth_dataset, tmp_path):
@@ -136,3 +163,23 @@ def test_batch_size_must_split_over_the_workers_and_labels_must_be_grades(synth_
     cfg = FinetuneConfig(train=[str(synth_dataset / "pairs")], out=str(tmp_path), grades=[0, 1])
     with pytest.raises(ConfigError, match=r"grades: the training pairs have label\(s\) \[2, 3\]"):
         split_pools(cfg)
+
+
+def test_deepspeed_names_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"deepspeed.*zero4.*auto, zero2, zero3, zero3_offload"):
+        load_config(FinetuneConfig, None, ["deepspeed=zero4"], train=["x"], out="o")
+    assert FinetuneConfig(train=["x"], out="o").deepspeed == "auto"
+
+
+@pytest.mark.gpu
+def test_finetune_on_a_gpu_picks_zero2_for_a_model_that_fits(
+    ray_session, tiny_causal_lm, synth_dataset, tmp_path
+):
+    """deepspeed: auto on a GPU worker: the tiny model fits one GPU many times over, so ZeRO-2, and why."""
+    out = tmp_path / "judge"
+    cfg = FinetuneConfig(base_model=str(tiny_causal_lm), train=[str(synth_dataset / "pairs")], out=str(out),
+                         n_train=8, n_val=8, batch_size=4, max_steps=1, num_workers=1, use_gpu=True,
+                         stack=None, cutpoint_pairs=24)  # fmt: skip
+    finetune(cfg)
+    card = JudgeCard.load(out)
+    assert card.training["deepspeed"] == "zero2" and "fit one GPU" in card.training["deepspeed_reason"]
