@@ -8,6 +8,8 @@ labeller into the ranker, so a ranker trained on judge labels with it is partly 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +17,8 @@ import numpy as np
 #: name -> what it is
 FEATURE_DOCS = {
     "bm25": "BM25 score of the pair (bm25s, Lucene variant, k1 0.9, b 0.4, stemmed, stop words removed)",
-    "bm25_rank": "log2 of the document's 1-based BM25 rank in the whole corpus for the query",
+    "bm25_rank": "log2 of the document's 1-based BM25 rank for the query: exact within the corpus' top "
+    "rank_depth (1000) documents, rank_depth + 1 beyond (retrieval.bm25.rank_within_top)",
     "dense_cos": "cosine of the query and document MiniLM embeddings",
     "query_len": "query length in words",
     "doc_len": "log(1 + document length in words)",
@@ -71,17 +74,31 @@ class PairFeaturizer:
 
     def __init__(self, index, encoder, query_cache: int = 4096):
         self.index, self.encoder, self.query_cache = index, encoder, query_cache
-        self._query_vec: dict[str, np.ndarray] = {}
+        # A server calls one featurizer from several threads (FastAPI runs sync routes in a thread pool): the
+        # cache is read and trimmed under a lock, and the encoder runs under another, because a fast tokenizer
+        # shared by two threads fails with "Already borrowed" (huggingface/tokenizers#537).
+        self._query_vec: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str | None]) -> np.ndarray:
+        """The encoder's vectors, one caller at a time."""
+        with self._encode_lock:
+            return self.encoder.encode(texts)
 
     def _query_vectors(self, queries: Sequence[str]) -> np.ndarray:
-        batch = {q: self._query_vec[q] for q in dict.fromkeys(queries) if q in self._query_vec}
-        new = [q for q in dict.fromkeys(queries) if q not in batch]
+        distinct = list(dict.fromkeys(queries))
+        with self._cache_lock:
+            batch = {q: self._query_vec[q] for q in distinct if q in self._query_vec}
+            for q in batch:
+                self._query_vec.move_to_end(q)
+        new = [q for q in distinct if q not in batch]
         if new:
-            batch.update(zip(new, self.encoder.encode(new), strict=True))
-            # the batch's vectors are taken from `batch`, so emptying a full cache never loses one of them
-            if len(self._query_vec) + len(new) > self.query_cache:
-                self._query_vec.clear()
-            self._query_vec.update((q, batch[q]) for q in new)
+            batch.update(zip(new, self.encode(new), strict=True))  # outside the cache lock: encoding is slow
+            with self._cache_lock:
+                self._query_vec.update((q, batch[q]) for q in new)
+                while len(self._query_vec) > self.query_cache:
+                    self._query_vec.popitem(last=False)  # least recently used
         return np.stack([batch[q] for q in queries])
 
     def __call__(self, queries: Sequence[str], texts: Sequence[str | None], docids: Sequence[str] | None = None,
@@ -101,7 +118,7 @@ class PairFeaturizer:
             else:
                 s, r = self.index.score_texts(q, [texts[i] for i in idx])
             bm25[idx], rank[idx] = s, r
-        dvec = self.encoder.encode(texts) if doc_vectors is None else np.asarray(doc_vectors, np.float32)
+        dvec = self.encode(texts) if doc_vectors is None else np.asarray(doc_vectors, np.float32)
         qvec = self._query_vectors(queries) if n else dvec
         return {"bm25": bm25, "bm25_rank": np.log2(rank.astype(np.float32)),
                 "dense_cos": (qvec * dvec).sum(1).astype(np.float32),

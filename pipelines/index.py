@@ -6,7 +6,8 @@ OUT/
                             ``augrel serve`` replicas read, with no copy of the corpus in each process
   bm25/                     bm25s index (always: the ranker's bm25 features need the corpus' statistics)
   dense/                    FAISS index of MiniLM document vectors (``dense: true``; flat, ivf or hnsw) and
-                            the vectors themselves (vectors.npy: served features encode only the query)
+                            the vectors themselves (vectors.npy: served features encode only the query),
+                            both in the docstore's row order (manifest ``dense_rows: docstore``)
   config.yaml, manifest.json
 
 Document vectors are computed by a Ray Data actor pool (the encoder loaded once per actor, on its GPU when
@@ -136,7 +137,7 @@ def build(cfg: IndexConfig) -> StageResult:
             raise DataError(f"{cfg.docs}: {dup} duplicate docid(s); an index needs one text per docid")
         keep = [c for c in ("docid", "text", "title") if c in good.column_names]
         write_table(out / "docs", good.select(keep))
-        DocStore.write(out / "docstore", good.select(keep))
+        store = DocStore.open(DocStore.write(out / "docstore", good.select(keep)))
         write_table(out / "rejected", rejected)
         BM25Index.build(good.column("docid").to_pylist(), good.column("text").to_pylist(),
                         BM25Params(k1=cfg.k1, b=cfg.b)).save(out / "bm25")  # fmt: skip
@@ -147,10 +148,15 @@ def build(cfg: IndexConfig) -> StageResult:
 
             init_ray()
             enc = encode_docs(cfg, good)
-            index = DenseIndex.build(enc.docids, enc.vectors, DenseParams(kind=cfg.kind, encoder=cfg.encoder))
+            # vectors come back in the order actors finished: put them (and the FAISS rows) in the document
+            # store's row order, so a replica finds a document's vector by its store row, without a docid map
+            vectors = np.empty_like(enc.vectors)
+            vectors[store.rows(enc.docids)] = enc.vectors
+            docids = store.docids().to_pylist()
+            index = DenseIndex.build(docids, vectors, DenseParams(kind=cfg.kind, encoder=cfg.encoder))
             index.save(out / "dense")
-            DocVectors.save(out / "dense", enc.vectors)
-            extra.update(dense=str(out / "dense"), dim=int(enc.vectors.shape[1]), kind=cfg.kind,
-                         encoder_actors=enc.actors)  # fmt: skip
+            DocVectors.save(out / "dense", vectors)
+            extra.update(dense=str(out / "dense"), dim=int(vectors.shape[1]), kind=cfg.kind,
+                         dense_rows="docstore", encoder_actors=enc.actors)  # fmt: skip
     return write_stage_files(out, "index.build", cfg, {"docs": good.num_rows, "rejected": rejected.num_rows},
                              [cfg.docs], timer.seconds, extra)  # fmt: skip

@@ -115,7 +115,11 @@ class ServeConfig(StageConfig):
     )
     first_stage_k: int = Field(100, ge=1, description="documents retrieved per query before ranking")
     encoder: str | None = Field(None, description="dense encoder; default: the one the index was built with")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="encoder and FAISS index device")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="encoder and FAISS index device; auto: cuda when the replica reserves GPUs "
+        "(deployment.num_gpus > 0), else cpu",
+    )
     judge: JudgeServeSettings | None = None
     deployment: DeploymentSettings = DeploymentSettings()
     limits: Limits = Limits()
@@ -125,6 +129,20 @@ class ServeConfig(StageConfig):
     port: int = Field(8000, ge=1, le=65535)
     name: str = Field("augrel", description="Serve application name")
     route_prefix: str = "/"
+
+    @model_validator(mode="after")
+    def _device_has_a_gpu(self) -> "ServeConfig":
+        if self.device == "cuda" and not self.deployment.num_gpus:
+            raise ValueError(
+                "device: cuda, but deployment.num_gpus is 0 (a replica uses the GPUs it reserves)"
+            )
+        return self
+
+    def resolved_device(self) -> str:
+        """The replica's device: from the GPUs it reserved, as every Ray stage picks it (``device_for_gpus``)."""
+        from models.loading import device_for_gpus
+
+        return "cpu" if self.device == "cpu" else device_for_gpus(self.deployment.num_gpus)
 
     def check_paths(self) -> None:
         """Raise ConfigError naming the field whose directory is missing or of the wrong kind. Not a validator:
@@ -136,6 +154,9 @@ class ServeConfig(StageConfig):
             )
         if not (Path(self.index) / "bm25").exists():
             problems.append(f"index: {self.index} is not an index directory (no bm25/; augrel index build)")
+        elif not (Path(self.index) / "docstore" / "docstore.json").exists():
+            problems.append(f"index: {self.index} has no docstore/ (built before the document store; run "
+                            "augrel index build again)")  # fmt: skip
         elif self.retriever == "dense" and not (Path(self.index) / "dense").exists():
             problems.append(
                 f"retriever: dense, but {self.index} has no dense/ index (build it with dense: true)"
@@ -155,7 +176,12 @@ class UnknownCandidate(ValueError):
 
 class RankService:
     """Retrieve (when no candidates are given), featurize and score: plain Python, no Serve, so the served path
-    and the in-process benchmark run the same code."""
+    and the in-process benchmark run the same code.
+
+    Nothing here grows with the corpus per replica: documents come from the index's memory-mapped document store
+    (``retrieval.docstore.DocStore``), the BM25 arrays and the document vectors are memory-mapped too, BM25
+    retrieval is bm25s' top-k (cached per query, and reused by the ``bm25_rank`` feature of the same request).
+    """
 
     def __init__(self, cfg: ServeConfig):
         import torch
@@ -163,8 +189,9 @@ class RankService:
         from models.encoder import MeanPoolEncoder
         from models.features import JUDGE_FEATURE, PairFeaturizer
         from models.ranker import LambdaMARTRanker
-        from pipelines.io import read_table
+        from pipelines.stage import read_manifest
         from retrieval.bm25 import BM25Index
+        from retrieval.docstore import DocStore
 
         torch.set_num_threads(cfg.deployment.threads)
         self.ranker = LambdaMARTRanker.load(cfg.ranker)
@@ -173,15 +200,12 @@ class RankService:
                               "judge on every candidate: train the served ranker without use_judge_feature")  # fmt: skip
         index = Path(cfg.index)
         self.bm25 = BM25Index.load(index / "bm25")
-        docs = read_table(index / "docs")
-        titles = docs.column("title").to_pylist() if "title" in docs.column_names else [None] * docs.num_rows
-        self.docs = dict(zip(docs.column("docid").to_pylist(),
-                             zip(docs.column("text").to_pylist(), titles, strict=True), strict=True))  # fmt: skip
-        self.dense = self.doc_vectors = None
+        self.store = DocStore.open(index / "docstore")
+        self.dense = None
+        self.store_vectors = None  # (docs, dim) memory-mapped, in the store's row order
+        self.legacy_vectors = None  # an index built before that order: a dict of docid -> vector
         encoder = cfg.encoder
-        device = (
-            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
+        device = cfg.resolved_device()
         if (index / "dense").exists():
             from retrieval.dense import DenseIndex, DocVectors
 
@@ -190,47 +214,65 @@ class RankService:
                 raise ConfigError(f"encoder: {encoder} differs from the one {cfg.index}/dense was built with "
                                   f"({built_with or 'the packaged MiniLM'}); queries must be encoded the same way")  # fmt: skip
             if encoder in (None, built_with) and (index / "dense" / "vectors.npy").exists():
-                self.doc_vectors = DocVectors.load(index / "dense")
+                if (read_manifest(index) or {}).get("dense_rows") == "docstore":
+                    self.store_vectors = np.load(index / "dense" / "vectors.npy", mmap_mode="r")
+                else:
+                    log.warning("%s/dense predates vectors in document-store order: each replica maps every "
+                                "docid to its vector in memory; rebuild the index (augrel index build)", index)  # fmt: skip
+                    self.legacy_vectors = DocVectors.load(index / "dense")
                 encoder = built_with
             if cfg.retriever == "dense":
-                self.dense = DenseIndex.load(index / "dense", device=cfg.device)
+                # in a GPU replica, "auto" keeps an HNSW index (no FAISS GPU version) or a faiss-cpu install on
+                # the CPU; the GPUs Ray shows a GPU replica are its own
+                faiss_device = cfg.device if device == "cuda" else "cpu"
+                self.dense = DenseIndex.load(index / "dense", device=faiss_device)
                 encoder = encoder or self.dense.params.encoder
-        self.encoder = MeanPoolEncoder(encoder, device=device)
-        self.featurize = PairFeaturizer(self.bm25, self.encoder)
+        self.featurize = PairFeaturizer(self.bm25, MeanPoolEncoder(encoder, device=device))
+        self.encoder = self.featurize.encoder
         self.retriever, self.first_stage_k = cfg.retriever, cfg.first_stage_k
-        self.n_docs = len(self.docs)
+        self.n_docs = len(self.store)
 
     def retrieve(self, query: str, k: int) -> list[str]:
         if self.dense is not None:
-            (hits,) = self.dense.search(self.encoder.encode([query]), k)
+            (hits,) = self.dense.search(self.featurize.encode([query]), k)
         else:
             (hits,) = self.bm25.search([query], k)
         return [d for d, _ in hits]
+
+    def _vectors(self, rows: np.ndarray, docids: list[str]) -> np.ndarray | None:
+        """Stored vectors of indexed documents (store ``rows``), or None when the index keeps none."""
+        if self.store_vectors is not None:
+            return np.asarray(self.store_vectors[rows], np.float32)
+        if self.legacy_vectors is not None:
+            return self.legacy_vectors.get(docids)
+        return None
 
     def _candidates(self, candidates: list[dict[str, Any]]):
         """A request's candidates: an indexed docid sent without text, or with the indexed text, reuses the
         stored document vector; any other text is encoded as sent."""
         docids = [c["docid"] for c in candidates]
-        texts, titles = [], []
+        rows = self.store.rows(docids)
         for i, c in enumerate(candidates):
-            if c.get("text") is None:
-                if c["docid"] not in self.docs:
-                    raise UnknownCandidate(i, c["docid"])
-                texts.append(self.docs[c["docid"]][0])
-                titles.append(c.get("title") or self.docs[c["docid"]][1])
-            else:
-                texts.append(c["text"])
-                titles.append(c.get("title"))
-        if self.doc_vectors is None:
+            if c.get("text") is None and rows[i] < 0:
+                raise UnknownCandidate(i, c["docid"])
+        indexed = np.flatnonzero(rows >= 0)
+        stored = self.store.take(rows[indexed])
+        stored_text = dict(zip(indexed.tolist(), stored.column("text").to_pylist(), strict=True))
+        stored_title = dict(zip(indexed.tolist(), stored.column("title").to_pylist(), strict=True))
+        texts = [c["text"] if c.get("text") is not None else stored_text[i] for i, c in enumerate(candidates)]
+        titles = [c.get("title") or (stored_title.get(i) if c.get("text") is None else None)
+                  for i, c in enumerate(candidates)]  # fmt: skip
+        if self.store_vectors is None and self.legacy_vectors is None:
             return docids, texts, titles, None
-        is_known = [d in self.doc_vectors and self.docs[d][0] == texts[i] for i, d in enumerate(docids)]
-        known = [i for i, k in enumerate(is_known) if k]
-        new = [i for i, k in enumerate(is_known) if not k]
+        known = [i for i in indexed.tolist() if stored_text[i] == texts[i]]
+        if self.legacy_vectors is not None:
+            known = [i for i in known if docids[i] in self.legacy_vectors]
+        new = sorted(set(range(len(docids))) - set(known))
         dvec = np.zeros((len(docids), self.encoder.dim), np.float32)
         if known:
-            dvec[known] = self.doc_vectors.get([docids[i] for i in known])
+            dvec[known] = self._vectors(rows[known], [docids[i] for i in known])
         if new:
-            dvec[new] = self.encoder.encode([texts[i] for i in new])
+            dvec[new] = self.featurize.encode([texts[i] for i in new])
         return docids, texts, titles, dvec
 
     def rank(self, query: str, k: int, candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -238,13 +280,12 @@ class RankService:
         t0 = time.perf_counter()
         if candidates is None:
             docids = self.retrieve(query, self.first_stage_k)
-            texts = [self.docs[d][0] for d in docids]
-            titles = [self.docs[d][1] for d in docids]
-            source, by_id = (
-                self.retriever,
-                docids,
-            )  # indexed documents: BM25 reads the index, no re-tokenizing
-            dvec = self.doc_vectors.get(docids) if self.doc_vectors is not None else None
+            rows = self.store.rows(docids)
+            docs = self.store.take(rows)
+            texts, titles = docs.column("text").to_pylist(), docs.column("title").to_pylist()
+            # indexed documents: BM25 reads the index, no re-tokenizing
+            source, by_id = self.retriever, docids
+            dvec = self._vectors(rows, docids)
         else:
             docids, texts, titles, dvec = self._candidates(candidates)
             source, by_id = "request", None
@@ -424,10 +465,11 @@ def build_app(cfg: ServeConfig, token: str | None = None):
                 import torch
 
                 from models.judge_card import load_judge
+                from models.loading import device_for_gpus
 
                 s = JudgeServeSettings.model_validate(settings)
                 torch.set_num_threads(s.deployment.threads)
-                self.judge = load_judge(s.path, dtype=s.dtype)
+                self.judge = load_judge(s.path, dtype=s.dtype, device=device_for_gpus(s.deployment.num_gpus))
                 self.scorer = self.judge.scorer(s.max_batch_size)
                 self.grade.set_max_batch_size(s.max_batch_size)
                 self.grade.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -529,14 +571,14 @@ def _answers(url: str, tries: int = 20) -> bool:
 def check(cfg: ServeConfig, url: str, query: str | None = None) -> int:
     """Ask the running service to rank one query (by default the start of an indexed document), print the
     answer, and take the application down. What ``augrel serve --check`` (and ``make demo``) runs."""
-    import pyarrow.compute as pc
     import requests
     from ray import serve
 
-    from pipelines.io import read_table
+    from retrieval.docstore import DocStore
 
+    store = DocStore.open(Path(cfg.index) / "docstore")
     if query is None:
-        text = read_table(Path(cfg.index) / "docs").slice(0, 1).column("text")[0].as_py()
+        text = store.take(np.array([0])).column("text")[0].as_py()
         query = " ".join(text.split()[:6])
     headers = {}
     if cfg.auth_token_env and os.environ.get(cfg.auth_token_env):
@@ -556,8 +598,7 @@ def check(cfg: ServeConfig, url: str, query: str | None = None) -> int:
         ok = ready.ok and r.ok
         if cfg.judge is not None and r.ok and r.json()["results"]:
             top = r.json()["results"][0]["docid"]
-            docs = read_table(Path(cfg.index) / "docs")
-            text = docs.filter(pc.field("docid") == top).column("text")[0].as_py()
+            text = store.get([top]).column("text")[0].as_py()
             j = requests.post(f"{url}/judge", json={"pairs": [{"query": query, "text": text}]}, headers=headers,
                               timeout=120)  # fmt: skip
             if j.ok:

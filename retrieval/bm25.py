@@ -1,18 +1,27 @@
 """BM25 over a docs table with bm25s (English stop words, Snowball stemming): first-stage candidates and the
 BM25 score of any (query, doc) pair, for ranking features and the BM25 baseline.
 
-The index is a directory (``bm25s`` arrays + ``docids.json`` + ``bm25.json`` with its parameters), built once per
-corpus and loaded by every feature actor.
+The index is a directory (``bm25s`` arrays, the docid lookup of ``retrieval.docstore.DocidIndex`` and
+``bm25.json`` with its parameters), built once per corpus and loaded, memory-mapped, by every feature actor and
+serving replica. Nothing here scores the whole corpus into a sorted list per query: retrieval is bm25s' top-k, a
+pair's score is read from the index' token columns, and a document's rank is exact within the query's top
+``rank_depth`` documents and ``rank_depth + 1`` beyond (``rank_within_top``: the one rule the features stage and
+the served ranker share).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from retrieval.docstore import DocidIndex
 
 
 @dataclass(frozen=True)
@@ -22,17 +31,46 @@ class BM25Params:
     method: str = "lucene"
     stemmer: str | None = "english"
     stopwords: str | None = "en"
+    # bm25_rank is exact for the top rank_depth documents of a query, rank_depth + 1 beyond: a deeper rank
+    # would need every document's score per query, and a ranker learns little from rank 5,000 vs 50,000
+    rank_depth: int = 1000
+
+
+def rank_within_top(scores: np.ndarray, top_scores: np.ndarray) -> np.ndarray:
+    """1-based rank of documents scoring ``scores`` among a query's top documents ``top_scores`` (best first):
+    1 + the number of top documents scoring strictly higher (ties share the better rank). Every document scoring
+    more than a given one is in the top if that one scores at least the last top score, so the rank is the
+    corpus rank there; below it, the rank is ``len(top_scores) + 1``."""
+    desc = -np.asarray(top_scores, np.float32)
+    return (1 + np.searchsorted(desc, -np.asarray(scores, np.float32), side="left")).astype(np.int32)
 
 
 class BM25Index:
     """A bm25s index with its docids, searchable by query text."""
 
-    def __init__(self, retriever, docids: list[str], params: BM25Params, avgdl: float | None = None):
-        self.retriever, self.docids, self.params = retriever, docids, params
+    def __init__(self, retriever, docids: Sequence[str] | DocidIndex, params: BM25Params,
+                 avgdl: float | None = None, top_cache: int = 1024):  # fmt: skip
+        self.retriever, self.params = retriever, params
+        self.ids = docids if isinstance(docids, DocidIndex) else DocidIndex.build(docids)
         self.avgdl = avgdl  # mean indexed tokens per document: what scoring a text outside the corpus needs
-        self._row = {d: i for i, d in enumerate(docids)}
         self._stemmer = _stemmer(params.stemmer)
         self._df: np.ndarray | None = None
+        # a query's top documents, shared by retrieval and the rank feature of the same request (lru_cache
+        # keeps its own state consistent across the threads a server runs requests on)
+        self._top = functools.lru_cache(maxsize=top_cache)(self._top_uncached)
+
+    @property
+    def docids(self) -> list[str]:
+        """Row -> docid, materialized (a list of the whole corpus: for tests and small corpora)."""
+        return self.ids.docids.to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def depth(self) -> int:
+        """How many top documents per query ``bm25_rank`` sees exactly."""
+        return min(self.params.rank_depth, len(self))
 
     @classmethod
     def build(
@@ -42,32 +80,35 @@ class BM25Index:
 
         if len(docids) != len(texts):
             raise ValueError(f"{len(docids)} docids but {len(texts)} texts")
-        if len(set(docids)) != len(docids):
-            raise ValueError("docids are not unique")
+        ids = DocidIndex.build(docids)  # refuses a duplicate, naming it
         tokens = bm25s.tokenize([t or "" for t in texts], stopwords=params.stopwords,
                                 stemmer=_stemmer(params.stemmer), show_progress=False)  # fmt: skip
         retriever = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
         retriever.index(tokens, show_progress=False)
         avgdl = float(np.mean([len(ids) for ids in tokens.ids])) if len(docids) else 0.0
-        return cls(retriever, list(docids), params, avgdl)
+        return cls(retriever, ids, params, avgdl)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.retriever.save(str(path))
-        (path / "docids.json").write_text(json.dumps(self.docids))
+        self.ids.save(path)
         (path / "bm25.json").write_text(json.dumps({**asdict(self.params), "avgdl": self.avgdl}))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> BM25Index:
+    def load(cls, path: str | Path, mmap: bool = True) -> BM25Index:
+        """``mmap``: the score arrays and docids stay on disk, shared by every process on the node."""
         import bm25s
 
         path = Path(path)
         meta = json.loads((path / "bm25.json").read_text())
         avgdl = meta.pop("avgdl", None)
-        return cls(bm25s.BM25.load(str(path)), json.loads((path / "docids.json").read_text()), BM25Params(**meta),
-                   avgdl)  # fmt: skip
+        if DocidIndex.exists(path):
+            ids = DocidIndex.load(path)
+        else:  # an index written before the docid lookup existed
+            ids = DocidIndex.build(json.loads((path / "docids.json").read_text()))
+        return cls(bm25s.BM25.load(str(path), mmap=mmap, show_progress=False), ids, BM25Params(**meta), avgdl)
 
     def _tokens(self, queries: Sequence[str]):
         import bm25s
@@ -75,26 +116,72 @@ class BM25Index:
         return bm25s.tokenize(list(queries), stopwords=self.params.stopwords, stemmer=self._stemmer,
                               show_progress=False, return_ids=False)  # fmt: skip
 
-    def scores(self, query: str) -> np.ndarray:
-        """BM25 score of ``query`` against every document, in docid order (0 where no term matches)."""
+    def _query_ids(self, query: str) -> list[int]:
+        """The query's token ids in the vocabulary, repeats kept (bm25s sums a repeated term once per repeat)."""
         (tokens,) = self._tokens([query])
+        return self.retriever.get_tokens_ids(tokens)
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of ``query`` against every document, in row order (0 where no term matches). O(corpus):
+        for tests and offline analysis, never per served query."""
+        (tokens,) = self._tokens([query])
+        if not tokens:
+            return np.zeros(len(self), np.float32)
         return np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
 
+    def _top_uncached(self, query: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        if depth == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        (tokens,) = self._tokens([query])
+        rows, scores = self.retriever.retrieve([tokens], k=depth, show_progress=False, n_threads=0)
+        rows, scores = np.asarray(rows[0], np.int64), np.asarray(scores[0], np.float32)
+        order = np.lexsort((rows, -scores))  # ties in row order, so the same query retrieves the same list
+        rows, scores = rows[order], scores[order]
+        rows.setflags(write=False)
+        scores.setflags(write=False)
+        return rows, scores
+
+    def top(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the ``k`` best documents for ``query`` (bm25s top-k), best first."""
+        k = min(k, len(self))
+        if k <= self.depth:
+            rows, scores = self._top(query, self.depth)
+            return rows[:k], scores[:k]
+        return self._top_uncached(query, k)
+
+    def score_rows(self, query: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """BM25 score of ``query`` for the documents at ``rows``, read from the index' token columns (row ids
+        sorted per token): the same float32 sum, term by term, that bm25s forms for a whole-corpus score."""
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros(len(rows), np.float32)
+        if not len(rows):
+            return out
+        m = self.retriever.scores
+        data, indices, indptr = m["data"], m["indices"], m["indptr"]
+        for t in self._query_ids(query):
+            start, end = int(indptr[t]), int(indptr[t + 1])
+            col = indices[start:end]
+            pos = np.searchsorted(col, rows)
+            found = pos < len(col)
+            found[found] = col[pos[found]] == rows[found]
+            out[found] += data[start:end][pos[found]]
+        return out
+
     def score_pairs(self, query: str, docids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 score and 1-based rank in the whole corpus of each docid for ``query`` (unknown docids: 0, n+1)."""
-        all_scores = self.scores(query)
-        # rank = 1 + number of documents scoring strictly higher (ties share the better rank)
-        order = np.sort(all_scores)[::-1]
-        rows = np.array([self._row.get(d, -1) for d in docids])
-        score = np.where(rows >= 0, all_scores[np.maximum(rows, 0)], 0.0).astype(np.float32)
-        rank = 1 + np.searchsorted(-order, -score, side="left")
-        rank = np.where(rows >= 0, rank, len(self.docids) + 1).astype(np.int32)
+        """BM25 score and 1-based rank (``rank_within_top`` the query's top ``rank_depth``) of each docid for
+        ``query``; an unknown docid scores 0 and ranks past the top (``depth + 1``)."""
+        rows = self.ids.rows(docids)
+        known = rows >= 0
+        score = np.zeros(len(rows), np.float32)
+        score[known] = self.score_rows(query, rows[known])
+        rank = rank_within_top(score, self._top(query, self.depth)[1])
+        rank[~known] = self.depth + 1
         return score, rank
 
     def score_texts(self, query: str, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """BM25 score of ``query`` against texts that need not be in the corpus (the corpus' IDF and average
-        length), and the 1-based rank each would take in the corpus. A corpus document's own text scores exactly
-        as :meth:`score_pairs` scores its docid: a served ranker sees the features it was trained on.
+        length), and the rank each would take in the corpus (``rank_within_top``). A corpus document's own text
+        scores as :meth:`score_pairs` scores its docid: a served ranker sees the features it was trained on.
         """
         if self.params.method != "lucene":
             raise ValueError(f"score_texts implements the lucene BM25 variant, not {self.params.method!r}")
@@ -105,36 +192,35 @@ class BM25Index:
         if self._df is None:
             # the score matrix is stored token-major (CSC): a token's column holds one entry per document with it
             self._df = np.diff(np.asarray(self.retriever.scores["indptr"]))
-        vocab, n = self.retriever.vocab_dict, len(self.docids)
-        (q_tokens,) = self._tokens([query])
-        q_ids = [vocab[t] for t in set(q_tokens) if t in vocab]
-        df = self._df[q_ids].astype(np.float64)
-        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
-        k1, b = self.params.k1, self.params.b
+        n = len(self)
+        q_ids = self._query_ids(query)  # a repeated query term counts once per repeat, as in score_rows
+        # bm25s' own arithmetic, step for step: a float32 idf, a float64 term-frequency part, each product
+        # rounded to float32, then float32 sums in query-term order; so a corpus text's score and rank are
+        # exactly those of its docid (a rounding difference would split the ties a short-text corpus is full of)
+        dfs = self._df[q_ids].tolist()
+        idf = [float(np.float32(math.log(1 + (n - df + 0.5) / (df + 0.5)))) for df in dfs]
+        k1, b, avgdl = self.params.k1, self.params.b, self.avgdl
+        vocab = self.retriever.vocab_dict
         score = np.zeros(len(texts), dtype=np.float32)
-        for i, d_tokens in enumerate(self._tokens([t or "" for t in texts])):
-            if not q_ids:
-                break
-            counts: dict[int, int] = {}
-            for t in d_tokens:
-                if t in vocab:
-                    counts[vocab[t]] = counts.get(vocab[t], 0) + 1
-            tf = np.array([counts.get(q, 0) for q in q_ids], dtype=np.float64)
-            norm = k1 * (1 - b + b * len(d_tokens) / max(self.avgdl, 1e-9))
-            score[i] = float((idf * tf / (tf + norm)).sum())
-        order = np.sort(self.scores(query))[::-1]
-        rank = (1 + np.searchsorted(-order, -score, side="left")).astype(np.int32)
-        return score, rank
+        for i, d_tokens in enumerate(self._tokens([t or "" for t in texts]) if q_ids else []):
+            counts = Counter(vocab[t] for t in d_tokens if t in vocab)
+            length_norm = k1 * ((1 - b) + b * len(d_tokens) / avgdl) if avgdl else k1
+            total = np.float32(0)
+            for q, q_idf in zip(q_ids, idf, strict=True):
+                tf = counts.get(q, 0)
+                if tf:
+                    total = np.float32(total + np.float32(q_idf * (tf / (length_norm + tf))))
+            score[i] = total
+        return score, rank_within_top(score, self._top(query, self.depth)[1])
 
     def search(self, queries: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:
-        """Top-``k`` (docid, score) per query, best first; documents matching no query term are left out."""
-        k = min(k, len(self.docids))
+        """Top-``k`` (docid, score) per query, best first (ties in index order); documents matching no query term
+        are left out."""
         out = []
         for q in queries:
-            s = self.scores(q)
-            top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-            top = top[np.argsort(-s[top], kind="stable")]
-            out.append([(self.docids[i], float(s[i])) for i in top if s[i] > 0])
+            rows, scores = self.top(q, k)
+            keep = scores > 0
+            out.append(list(zip(self.ids.docid(rows[keep]), scores[keep].tolist(), strict=True)))
         return out
 
 

@@ -6,6 +6,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -108,7 +109,11 @@ def test_rank_retrieves_when_no_candidates_are_given(served, retriever, synth_da
     local = RankService(ServeConfig(**{**cfg.model_dump(), "retriever": retriever, "judge": None}))
     out = local.rank(query, 3)
     assert out["source"] == retriever and len(out["results"]) == 3
-    assert all(h["docid"] in local.docs for h in out["results"])
+    assert all(h["docid"] in local.store for h in out["results"])
+    # no per-replica copy of the corpus: documents, BM25 arrays and document vectors stay memory-mapped
+    assert not any(isinstance(v, dict) and len(v) >= local.n_docs for v in vars(local).values())
+    assert isinstance(local.bm25.retriever.scores["data"], np.memmap)
+    assert isinstance(local.store_vectors, np.memmap) and local.legacy_vectors is None
 
 
 BAD = [
@@ -221,3 +226,32 @@ def test_config_errors_name_the_field(artifacts, tmp_path):
     with pytest.raises(ConfigError, match="max_k"):
         load_config(ServeConfig, None, ["limits.max_k=5000"], ranker=str(artifacts / "ranker"),
                     index=str(artifacts / "index"))  # fmt: skip
+
+
+def test_device_follows_the_replicas_gpus(artifacts):
+    from pipelines.serve import ServeConfig
+    from pipelines.stage import load_config
+
+    paths = {"ranker": str(artifacts / "ranker"), "index": str(artifacts / "index")}
+    assert load_config(ServeConfig, None, [], **paths).resolved_device() == "cpu"
+    gpu = load_config(ServeConfig, None, ["deployment.num_gpus=0.25"], **paths)
+    assert gpu.resolved_device() == "cuda"
+    assert (
+        load_config(ServeConfig, None, ["deployment.num_gpus=0.25", "device=cpu"], **paths).resolved_device()
+        == "cpu"
+    )
+    with pytest.raises(ConfigError, match=r"device: cuda, but deployment\.num_gpus is 0"):
+        load_config(ServeConfig, None, ["device=cuda"], **paths)
+
+
+def test_an_index_without_a_docstore_is_named(artifacts, tmp_path):
+    import shutil
+
+    from pipelines.serve import ServeConfig
+    from pipelines.stage import load_config
+
+    old = tmp_path / "index"
+    shutil.copytree(artifacts / "index" / "bm25", old / "bm25")
+    cfg = load_config(ServeConfig, None, [], ranker=str(artifacts / "ranker"), index=str(old))
+    with pytest.raises(ConfigError, match=r"index: .* has no docstore/"):
+        cfg.check_paths()
