@@ -28,7 +28,10 @@ cores. --quick runs the same comparison small: a 6-step fine-tune validated on 4
 ndcg10_dense=.. mrr10_h20_judge=.. judge_kappa_val_cut=.. judge_kappa_stack_cv=..`` (the judge's kappa on its
 LLMJudge validation queries, from its card: the LLM's cut-point labels, and the stack's query-fold CV).
 
-    python benchmarks/augmentation.py [--quick] [--judge DIR_OR_MODEL] [--judgments DIR]
+``--pool-fraction 0.3`` grades 30% of each query's pool (drawn within grades) with the full judge: the same
+experiment where grading all 9,260 pairs does not fit the time at hand.
+
+    python benchmarks/augmentation.py [--quick] [--pool-fraction F] [--judge DIR_OR_MODEL] [--judgments DIR]
 """
 
 from __future__ import annotations
@@ -73,6 +76,25 @@ def subsample(pairs_dir: Path, out: Path, per_query: int, seed: int = 0) -> Path
     return out
 
 
+def pool_sample(pairs_dir: Path, out: Path, fraction: float, seed: int = 0) -> Path:
+    """A ``fraction`` of each query's assessed pool, drawn within each grade (at least one pair of every grade the
+    query has), so every pool keeps its grade mix: a smaller run of the same experiment."""
+    from pipelines.io import read_table, write_table
+
+    t = read_table(pairs_dir)
+    rng = np.random.default_rng(seed)
+    qids = np.asarray(t.column("qid").to_pylist(), dtype=object)
+    label = t.column("label").to_numpy(zero_copy_only=False)
+    keep = []
+    for q in sorted(set(qids)):
+        idx = np.flatnonzero(qids == q)
+        for g in np.unique(label[idx]):
+            of_grade = idx[label[idx] == g]
+            keep.extend(rng.permutation(of_grade)[: max(1, round(fraction * len(of_grade)))].tolist())
+    write_table(out, t.take(pa.array(sorted(keep))))
+    return out
+
+
 def finetuned_judge(llmjudge_pairs: Path, quick: bool) -> str:
     """The judge of configs/judge-llmjudge.yaml, fit on LLMJudge dev; a finished run of the same config is
     reused (the fine-tune alone is a quarter of an hour here)."""
@@ -108,7 +130,8 @@ def annotated(judge: str, pairs: Path, tag: str) -> str:
     out = WORK / f"judgments-{tag}-{key}"
     done = read_manifest(out)
     if not (done and done.get("complete") and done["inputs"] == [str(pairs)]):
-        annotate(AnnotateConfig(judge=judge, pairs=str(pairs), out=str(out), overwrite=True, unit_rows=128))
+        # an interrupted run of the same judge and pairs continues where it stopped (annotate checks both)
+        annotate(AnnotateConfig(judge=judge, pairs=str(pairs), out=str(out), resume=True, unit_rows=128))
     return str(out)
 
 
@@ -118,6 +141,8 @@ def main() -> None:
     ap.add_argument("--judge", help="a judge directory or base model instead of the LLMJudge-dev fine-tune "
                     "(experiment augment refuses one that trained on DL19 queries)")  # fmt: skip
     ap.add_argument("--judgments", help="use these judge labels instead of annotating")
+    ap.add_argument("--pool-fraction", type=float, default=1.0,
+                    help="grade this share of each DL19 query's pool (drawn within grades; 1: every pair)")  # fmt: skip
     a = ap.parse_args()
 
     from cluster.embedded import init_ray
@@ -133,8 +158,17 @@ def main() -> None:
     if not (llmj / "pairs").exists():
         prepare(PrepareConfig(format="pairs", src=str(DATA / "llmjudge-dev" / "pairs.jsonl"), out=str(llmj)))
     per_query = 8
-    tag = f"quick{per_query}" if a.quick else "full"  # names every cached step: a changed subsample rebuilds
-    pairs = subsample(data / "pairs", WORK / f"pairs-{tag}", per_query) if a.quick else data / "pairs"
+    if not 0 < a.pool_fraction <= 1:
+        ap.error("--pool-fraction: a share in (0, 1]")
+    # the tag names every cached step: a changed subsample rebuilds
+    if a.quick:
+        tag = f"quick{per_query}"
+        pairs = subsample(data / "pairs", WORK / f"pairs-{tag}", per_query)
+    elif a.pool_fraction < 1:
+        tag = f"pool{round(100 * a.pool_fraction)}"
+        pairs = pool_sample(data / "pairs", WORK / f"pairs-{tag}", a.pool_fraction)
+    else:
+        tag, pairs = "full", data / "pairs"
 
     judge = None
     judgments = a.judgments
