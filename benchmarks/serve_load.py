@@ -1,20 +1,34 @@
-"""Serving: ``POST /rank`` with 100 candidates on Ray Serve (127.0.0.1) under a bounded closed-loop load,
-against calling the same ranking code in-process. One table; every row measured in this run.
+"""Serving: ``POST /rank`` on Ray Serve (127.0.0.1) under a bounded closed-loop load, against calling the same
+ranking code in-process, on the 9k-passage DL19 corpus and on a 1M-passage synthetic corpus. Every row measured in
+this run.
 
-Corpus: TREC DL 2019 passages (../shared/data; --quick: the passages of 10 queries), indexed by
-``augrel index build`` (BM25 + FAISS + stored MiniLM vectors); a LambdaMART ranker trained on the judged pairs.
-Each request ranks 100 judged passages of one DL19 query (top 10 returned).
+Corpora:
+- DL19: the TREC DL 2019 judged passages (../shared/data; --quick: the passages of 10 queries), indexed by
+  ``augrel index build`` (BM25 + FAISS + stored MiniLM vectors); a LambdaMART ranker trained on the judged pairs.
+  Requests rank 100 judged passages of one DL19 query (top 10 returned).
+- synthetic: 1,000,000 passages (--quick: 100,000) of 20-60 words drawn from a Zipf(1.1) vocabulary of 50,000
+  made-up words; queries are 2-4 words of a random passage. ``augrel index build`` writes its docs, document
+  store and BM25 index; its document vectors are random unit vectors (MiniLM would need hours for 1M passages
+  on 2 cores): dense_cos is meaningless there, its cost (a memory-mapped row read per candidate) is the real one.
+  The DL19 ranker scores it.
 
-rows: in-process ``RankService.rank`` (one caller) | Serve, 1 client | Serve, N clients (the load test) |
-the same with a quarter of the requests malformed (422 expected, never 5xx) | 8N clients past the queue
-(load shedding: 503 expected, never another 5xx) | a replica killed under 1 client (time to the next 200) |
-1 client sending 100 texts the index has not seen (each encoded per request).
+Table 1 (DL19, 100 candidates given per request): in-process ``RankService.rank`` (one caller) | Serve, 1 client |
+Serve, N clients (the load test) | the same with a quarter of the requests malformed (422 expected, never 5xx) |
+8N clients past the queue (load shedding: 503 expected, never another 5xx) | a replica killed under 1 client (time
+to the next 200) | 1 client sending 100 texts the index has not seen (each encoded per request).
 
-Last line: ``RESULT rps=.. p50_ms=.. p99_ms=.. errors_5xx=.. overhead_ratio=.. recovery_s=..`` where rps and
-latencies are the load-test row's, errors_5xx counts 5xx answers in every row but the overload row's 503s,
-and overhead_ratio is Serve's p50 at one client over the in-process p50.
+Table 2 (corpus scale, both corpora): requests without candidates (BM25 top 100 retrieved from the corpus,
+featurized from the document store and the stored vectors, ranked): in-process | Serve, 1 client | Serve, N
+clients; and candidates named by docid only (texts and vectors read from the store). The service's open time
+(index, store, ranker, encoder) is printed per corpus.
 
-    python benchmarks/serve_load.py [--quick] [--clients N] [--seconds S]
+Last line: ``RESULT rps=.. p50_ms=.. p99_ms=.. errors_5xx=.. overhead_ratio=.. recovery_s=.. p50_ms_dl19=..
+p99_ms_dl19=.. p50_ms_synth=.. p99_ms_synth=.. synth_docs=..`` where rps, p50_ms and p99_ms are table 1's load
+test, errors_5xx counts 5xx answers in every row but the overload row's 503s, overhead_ratio is Serve's p50 at
+one client over the in-process p50, and the *_dl19 / *_synth latencies are table 2's retrieve-and-rank load test
+(N clients) on each corpus.
+
+    python benchmarks/serve_load.py [--quick] [--clients N] [--seconds S] [--synth-docs N]
 """
 
 from __future__ import annotations
@@ -90,6 +104,64 @@ def build_inputs(n_queries: int | None) -> tuple[Path, list[dict]]:
     return root, bodies
 
 
+def build_synthetic(n_docs: int, n_queries: int = 200, seed: int = 0) -> tuple[Path, list[dict]]:
+    """An index over ``n_docs`` synthetic passages (see the module docstring), and retrieval request bodies."""
+    import json
+    from dataclasses import asdict
+
+    import pyarrow as pa
+
+    from pipelines.index import IndexConfig, build
+    from pipelines.io import write_table
+    from pipelines.stage import read_manifest
+    from retrieval.dense import DenseParams
+
+    root = WORK / f"synth-{n_docs}"
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    made_up = ["".join(rng.choice(letters, size=rng.integers(4, 10))) for _ in range(60_000)]
+    vocab = np.unique(made_up)[:50_000]
+    lengths = rng.integers(20, 61, size=n_docs)
+    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
+    words = rng.choice(len(vocab), size=int(lengths.sum()), p=p / p.sum())
+    ends = np.cumsum(lengths)
+    pick = rng.choice(n_docs, size=n_queries, replace=False)
+    bodies = []
+    for d in pick:
+        w = words[ends[d] - lengths[d] : ends[d]]
+        bodies.append(
+            {"query": " ".join(vocab[rng.choice(w, size=rng.integers(2, 5), replace=False)]), "k": 10}
+        )
+    built = read_manifest(root / "index") or {}
+    if built.get("dense_rows") is None:
+        t0 = time.perf_counter()
+        texts = [" ".join(vocab[words[e - n : e]]) for n, e in zip(lengths, ends, strict=True)]
+        docs = pa.table({"docid": [f"s{i}" for i in range(n_docs)], "text": texts})
+        del texts
+        write_table(root / "docs", docs)
+        print(
+            f"synthetic corpus: {n_docs:,} passages written in {time.perf_counter() - t0:.0f} s", flush=True
+        )
+        result = build(IndexConfig(docs=str(root / "docs"), out=str(root / "index"), dense=False))
+        print(f"synthetic corpus: index built in {result.wall_s:.0f} s", flush=True)
+        # random unit vectors in the document store's row order, as index build writes MiniLM's
+        dim, dense = 384, root / "index" / "dense"
+        dense.mkdir(parents=True, exist_ok=True)
+        vecs = np.lib.format.open_memmap(
+            dense / "vectors.npy", mode="w+", dtype=np.float32, shape=(n_docs, dim)
+        )
+        for start in range(0, n_docs, 100_000):
+            v = rng.standard_normal((min(100_000, n_docs - start), dim), dtype=np.float32)
+            vecs[start : start + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        vecs.flush()
+        del vecs
+        (dense / "dense.json").write_text(json.dumps({**asdict(DenseParams()), "dim": dim, "n": n_docs}))
+        manifest = json.loads((root / "index" / "manifest.json").read_text())
+        manifest.update(dense_rows="docstore", dense_vectors="random unit vectors (benchmark)")
+        (root / "index" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root, bodies
+
+
 # ----------------------------------------------------------------------------------------- load
 
 
@@ -144,7 +216,7 @@ def in_process(service, bodies: list[dict], seconds: float) -> dict:
     while time.perf_counter() < stop:
         b = bodies[n % len(bodies)]
         s = time.perf_counter()
-        service.rank(b["query"], b["k"], b["candidates"])
+        service.rank(b["query"], b["k"], b.get("candidates"))
         lat.append(time.perf_counter() - s)
         n += 1
     return summary(lat, {200: len(lat)}, time.perf_counter() - t0)
@@ -195,35 +267,69 @@ def recovery(url: str, bodies: list[dict], app: str) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 
+def scale_rows(label: str, service, url: str, retrieve_bodies: list[dict], by_id_bodies: list[dict], clients: int,
+               seconds: float) -> list[tuple[str, dict]]:  # fmt: skip
+    return [
+        (f"{label}: in-process, retrieve + rank", in_process(service, retrieve_bodies, seconds)),
+        (f"{label}: Serve, 1 client, retrieve + rank", closed_loop(url, retrieve_bodies, 1, seconds)),
+        (f"{label}: Serve, {clients} clients, retrieve + rank", closed_loop(url, retrieve_bodies, clients, seconds)),
+        (f"{label}: Serve, 1 client, 100 docids", closed_loop(url, by_id_bodies, 1, seconds)),
+    ]  # fmt: skip
+
+
+def print_table(rows: list[tuple[str, dict]], width: int = 52) -> None:
+    head = (f"{'row':<{width}} {'ok':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'4xx':>5} "
+            f"{'503':>5} {'5xx':>4} {'conn':>5}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for name, r in rows:
+        print(f"{name:<{width}} {r['ok']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} "
+              f"{r['4xx']:>5} {r['503']:>5} {r['5xx']:>4} {r['conn_err']:>5}")  # fmt: skip
+
+
+def open_service(S, cfg) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    service = S.RankService(cfg)
+    return service, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="10 queries' passages, 5 s per row (under 2 minutes)"
-    )
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients in the load test")
+    ap.add_argument("--quick", action="store_true",
+                    help="10 DL19 queries' passages, a 100k-passage synthetic corpus, 5 s per row (minutes)")  # fmt: skip
+    ap.add_argument("--clients", type=int, default=4, help="concurrent clients in the load tests")
     ap.add_argument("--seconds", type=float, help="duration of each row (default 5 quick, 20 full)")
+    ap.add_argument(
+        "--synth-docs", type=int, help="synthetic corpus size (default 100,000 quick, 1,000,000 full)"
+    )
     a = ap.parse_args()
     seconds = a.seconds or (5.0 if a.quick else 20.0)
+    n_synth = a.synth_docs or (100_000 if a.quick else 1_000_000)
 
     from ray import serve
 
     from cluster.embedded import init_ray
+    from models.loading import cpu_description
     from pipelines import serve as S
 
     init_ray("local", num_cpus=2)
     root, bodies = build_inputs(10 if a.quick else None)
+    synth_root, synth_retrieve = build_synthetic(n_synth)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = S.ServeConfig(
-        ranker=str(root / "ranker"), index=str(root / "index"), port=port, name="bench", auth_token_env=None,
-        deployment={"num_cpus": 0.5, "threads": 1, "max_ongoing_requests": 4, "max_queued_requests": 2 * a.clients,
-                    "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
-    )  # fmt: skip
-    service = S.RankService(cfg)
-    service.rank(
-        bodies[0]["query"], 10, bodies[0]["candidates"]
-    )  # warm: first-call costs are not the service's
+
+    def config(index_root: Path, name: str):
+        return S.ServeConfig(
+            ranker=str(root / "ranker"), index=str(index_root / "index"), port=port, name=name, auth_token_env=None,
+            deployment={"num_cpus": 0.5, "threads": 1, "max_ongoing_requests": 4,
+                        "max_queued_requests": 2 * a.clients, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        )  # fmt: skip
+
+    cfg = config(root, "bench")
+    service, open_dl19 = open_service(S, cfg)
+    # warm: first-call costs are not the service's
+    service.rank(bodies[0]["query"], 10, bodies[0]["candidates"])
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(S.build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -241,26 +347,46 @@ def main() -> None:
         ("Serve, a replica killed, 1 client", recovery(url, bodies, cfg.name)),
         ("Serve, 1 client, 100 unseen texts", closed_loop(url, fresh, 1, seconds)),
     ]  # fmt: skip
+    dl19_retrieve = [{"query": b["query"], "k": 10} for b in bodies]
+    dl19_by_id = [{**b, "candidates": [{"docid": c["docid"]} for c in b["candidates"]]} for b in bodies]
+    dl19_label = f"DL19 {service.n_docs:,}"
+    scale = scale_rows(dl19_label, service, url, dl19_retrieve, dl19_by_id, a.clients, seconds)
+    n_dl19 = service.n_docs
+    serve.delete(cfg.name)
+    del service
+
+    synth_cfg = config(synth_root, "bench-synth")
+    synth, open_synth = open_service(S, synth_cfg)
+    synth.rank(synth_retrieve[0]["query"], 10)
+    synth_by_id = [{**b, "candidates": [{"docid": d} for d in synth.retrieve(b["query"], 100)]}
+                   for b in synth_retrieve]  # fmt: skip
+    synth_by_id = [b for b in synth_by_id if b["candidates"]]
+    serve.run(S.build_app(synth_cfg), name=synth_cfg.name, route_prefix="/", blocking=False)
+    closed_loop(url, synth_retrieve, 2, 2.0)
+    synth_label = f"synthetic {synth.n_docs:,}"
+    scale += scale_rows(synth_label, synth, url, synth_retrieve, synth_by_id, a.clients, seconds)
     serve.shutdown()
 
-    head = (f"{'row':<44} {'ok':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'4xx':>5} "
-            f"{'503':>5} {'5xx':>4} {'conn':>5}")  # fmt: skip
-    print(
-        f"POST /rank, 100 candidates -> top 10; {len(bodies)} DL19 queries, index of {service.n_docs:,} "
-        f"passages; 2 replicas x 0.5 CPU, 1 thread; {seconds:g} s per row, 2 cores shared with the clients"
-    )
-    print(head)
-    print("-" * len(head))
-    for name, r in rows:
-        print(f"{name:<44} {r['ok']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} "
-              f"{r['4xx']:>5} {r['503']:>5} {r['5xx']:>4} {r['conn_err']:>5}")  # fmt: skip
+    print(f"CPU: {cpu_description()}")
+    print(f"Table 1. POST /rank, 100 candidates -> top 10; {len(bodies)} DL19 queries, index of {n_dl19:,} "
+          f"passages; 2 replicas x 0.5 CPU, 1 thread; {seconds:g} s per row, 2 cores shared with the clients")  # fmt: skip
+    print_table(rows, 44)
+    print()
+    print(f"Table 2. Corpus scale: POST /rank without candidates (BM25 top 100 from the corpus -> ranker -> top 10), "
+          f"and 100 candidates by docid only; same replicas and ranker. Service open time: DL19 {open_dl19:.1f} s, "
+          f"synthetic {open_synth:.1f} s (memory-mapped store, BM25 arrays and vectors). The synthetic corpus' "
+          f"document vectors are random unit vectors (MiniLM over {synth.n_docs:,} passages would take hours "
+          f"here); its queries are 2-4 words of a random passage.")  # fmt: skip
+    print_table(scale, 52)
     by = dict(rows)
     load = by[f"Serve, {a.clients} clients (load test)"]
     rec = by["Serve, a replica killed, 1 client"]
-    errors_5xx = sum(r["5xx"] for _, r in rows) + sum(
-        r["503"] for n, r in rows if "past the queue" not in n and "killed" not in n
-    )
+    errors_5xx = (sum(r["5xx"] for _, r in rows + scale)
+                  + sum(r["503"] for n, r in rows + scale if "past the queue" not in n and "killed" not in n))  # fmt: skip
     overhead = by["Serve, 1 client"]["p50"] / by["in-process RankService, 1 caller"]["p50"]
+    big = dict(scale)
+    d = big[f"{dl19_label}: Serve, {a.clients} clients, retrieve + rank"]
+    y = big[f"{synth_label}: Serve, {a.clients} clients, retrieve + rank"]
     print()
     print(
         f"recovery after a replica kill: {rec['recovery_s']:.1f} s until Serve ran 2 replicas again; the client "
@@ -268,7 +394,9 @@ def main() -> None:
         f"connection errors x{rec['conn_err']}"
     )
     print(f"RESULT rps={load['rps']:.1f} p50_ms={load['p50']:.1f} p99_ms={load['p99']:.1f} errors_5xx={errors_5xx} "
-          f"overhead_ratio={overhead:.2f} recovery_s={rec['recovery_s']:.1f}")  # fmt: skip
+          f"overhead_ratio={overhead:.2f} recovery_s={rec['recovery_s']:.1f} p50_ms_dl19={d['p50']:.1f} "
+          f"p99_ms_dl19={d['p99']:.1f} p50_ms_synth={y['p50']:.1f} p99_ms_synth={y['p99']:.1f} "
+          f"synth_docs={synth.n_docs}")  # fmt: skip
 
 
 if __name__ == "__main__":
