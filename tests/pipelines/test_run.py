@@ -219,6 +219,7 @@ def test_a_code_change_reruns_a_stage(full_run, monkeypatch):
     assert r.ran == [s.name for s in stages(p)][: len(r.ran)] and "split" in r.ran
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "demo.yaml"])
 def test_every_shipped_pipeline_finishes_on_cpu_with_tiny_models(name, ray_session, tiny_causal_lm, tiny_encoder,
                                                                  shared_data, tmp_path):  # fmt: skip
