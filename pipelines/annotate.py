@@ -10,7 +10,14 @@ not go wrong:
 - a unit whose partition exists is done: ``--resume`` plans the same units and runs only the missing ones, so
   the finished output is identical to an uninterrupted run's (scores of a unit depend only on its rows);
 - a judge actor that dies mid-unit is restarted by Ray and its task retried; the task's output never reached
-  the writer, and a rewrite of the same partition replaces it, so nothing is lost or duplicated.
+  the writer, and a rewrite of the same partition replaces it, so nothing is lost or duplicated;
+- a (qid, docid) pair that came earlier in the input (in any unit) is rejected with the unit and row of its
+  first occurrence, found from the key columns when the run is planned: each pair is judged once.
+
+A unit is read as one block, or, when a run has fewer units than twice the pool, in ``pieces`` (row or byte
+sub-ranges, fixed in the plan) so that every actor gets work. A unit that reaches the writers in parts (pieces,
+or a block Ray Data split for exceeding ``target_max_block_size``) is written as fragments under ``_pieces/``,
+and the driver assembles its partition, each row once, when every row of every piece has been written.
 
 The dataset is streamed: read tasks -> judge actors (``map_batches`` with a callable class, the model loaded
 once per actor, an autoscaling pool of ``concurrency=(min, max)``) -> write tasks -> the driver, which only
@@ -28,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +64,10 @@ CHARS_PER_TOKEN_BOUND = 16
 # Read and write tasks are light; they reserve little CPU so they always fit beside the actor pool.
 IO_TASK_CPUS = 0.1
 IO_TASK_POOL = 2  # concurrent read tasks, and concurrent write tasks
+# How long a run waits for its pool's minimum actors before the first piece is handed out: pieces given out while
+# one actor is up queue on it (two in flight per actor) and the others idle. Long: a judge may be downloaded, or
+# a GPU node added on demand.
+WAIT_FOR_ACTORS_S = 1800
 
 
 class AnnotateConfig(StageConfig):
@@ -152,6 +164,102 @@ def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[st
         units += [WorkUnit(f"part-{fi:05d}-{ui:05d}", str(path.resolve()), fmt, s, e)
                   for ui, (s, e) in enumerate(bounds)]  # fmt: skip
     return units, fingerprint
+
+
+def _jsonl_keys(path: Path) -> tuple[list[str | None], list[str | None], list[int]]:
+    """(qid, docid, byte offset) of every line of a JSONL file that parses to an object; the rest are the reader's
+    to reject."""
+    qids, docids, offsets = [], [], []
+    with open(path, "rb") as fh:
+        pos = 0
+        for raw in fh:
+            offset, pos = pos, pos + len(raw)
+            try:
+                obj = json.loads(raw)
+            except ValueError:  # invalid JSON, not UTF-8, a blank line
+                continue
+            if isinstance(obj, dict):
+                q, d = obj.get("qid"), obj.get("docid")
+                qids.append(str(q) if isinstance(q, str | int) else None)
+                docids.append(str(d) if isinstance(d, str | int) else None)
+                offsets.append(offset)
+    return qids, docids, offsets
+
+
+def find_duplicates(units: list[WorkUnit]) -> dict[str, dict[int, str]]:
+    """unit name -> {position: reason} of the pairs whose (qid, docid) came earlier in the input, in plan order.
+
+    A position is a Parquet file's 0-based row or a JSONL line's byte offset. The first occurrence is judged; a
+    later one, in whatever unit, is rejected with this reason, so a pair is judged once (twice, it was graded
+    twice and broke the joins downstream). Only the key columns are read, on the driver, once per run.
+    """
+    files = list(dict.fromkeys(u.path for u in units))
+    parts = []
+    for fi, path in enumerate(files):
+        if path.endswith(".parquet"):
+            keys = pq.read_table(path, columns=["qid", "docid"])
+            try:
+                qid, docid = (pc.cast(keys.column(c), pa.string()) for c in ("qid", "docid"))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise DataError(f"{path}: qid/docid are not strings or integers ({e})") from None
+            pos = pa.array(np.arange(keys.num_rows), pa.int64())
+        else:
+            q, d, offsets = _jsonl_keys(Path(path))
+            qid, docid, pos = (
+                pa.array(q, pa.string()),
+                pa.array(d, pa.string()),
+                pa.array(offsets, pa.int64()),
+            )
+        parts.append(pa.table({"qid": qid, "docid": docid, "_pos": pos,
+                               "_file": pa.array(np.full(len(pos), fi), pa.int32())}))  # fmt: skip
+    if not parts:
+        return {}
+    keys = pa.concat_tables(parts)
+    keys = keys.append_column("_i", pa.array(np.arange(keys.num_rows), pa.int64()))
+    valid = pc.and_(pc.and_(pc.is_valid(keys["qid"]), pc.is_valid(keys["docid"])),
+                    pc.and_(pc.not_equal(pc.utf8_trim_whitespace(keys["qid"]), ""),
+                            pc.not_equal(pc.utf8_trim_whitespace(keys["docid"]), "")))  # fmt: skip
+    good = keys.filter(pc.fill_null(valid, False))
+    agg = good.group_by(["qid", "docid"], use_threads=False).aggregate([("_i", "min"), ("_i", "count")])
+    agg = agg.filter(pc.greater(agg["_i_count"], 1))
+    if not agg.num_rows:
+        return {}
+    dup = good.join(agg.select(["qid", "docid", "_i_min"]), ["qid", "docid"], use_threads=False)
+    dup = dup.filter(pc.not_equal(dup["_i"], dup["_i_min"])).sort_by("_i")
+    first = keys.take(dup["_i_min"])
+    by_file: dict[str, list[WorkUnit]] = defaultdict(list)
+    for u in units:
+        by_file[u.path].append(u)
+    out: dict[str, dict[int, str]] = defaultdict(dict)
+    for f, pos, ff, fpos in zip(dup["_file"].to_pylist(), dup["_pos"].to_pylist(), first["_file"].to_pylist(),
+                                first["_pos"].to_pylist(), strict=True):  # fmt: skip
+        unit, first_unit = _unit_at(by_file[files[f]], pos), _unit_at(by_file[files[ff]], fpos)
+        where = f"row {fpos + 1}" if first_unit.fmt == "parquet" else f"byte {fpos}"
+        out[unit.name][pos] = f"duplicate (qid, docid): judged in unit {first_unit.name}, {where}"
+    return dict(out)
+
+
+def _unit_at(units: list[WorkUnit], pos: int) -> WorkUnit:
+    """The unit of one file holding position ``pos`` (units are in file order, contiguous)."""
+    i = int(np.searchsorted([u.start for u in units], pos, side="right")) - 1
+    return units[max(0, i)]
+
+
+def plan_pieces(n_units: int, actors: int, unit_rows: int, batch_size: int) -> int:
+    """Pieces per unit: 1 when the units outnumber the pool twice; otherwise enough for every actor, no piece
+    smaller than a forward batch. With one unit per block, a run of fewer units than actors left actors idle."""
+    if n_units == 0 or n_units >= 2 * actors:
+        return 1
+    return max(1, min(-(-2 * actors // n_units), unit_rows // max(1, batch_size)))
+
+
+def unit_pieces(unit: WorkUnit, pieces: int) -> list[tuple[int, int]]:
+    """The ``pieces`` sub-ranges [start, stop) of a unit: rows of a Parquet file, bytes of a JSONL file (lines
+    that begin in the range). Never more pieces than a Parquet unit has rows."""
+    span = unit.stop - unit.start
+    k = max(1, min(pieces, span)) if span else 1
+    step = -(-span // k) if span else 0
+    return [(unit.start + i * step, min(unit.stop, unit.start + (i + 1) * step)) for i in range(k)]
 
 
 def judge_fingerprint(judge: str) -> dict[str, Any]:
@@ -252,23 +360,35 @@ def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
     return pa.concat_tables(pieces).combine_chunks()
 
 
-def read_unit(unit: WorkUnit, max_chars: int) -> tuple[pa.Table, pa.Table, int]:
+def read_unit(
+    unit: WorkUnit, max_chars: int, drop: dict[int, str] | None = None
+) -> tuple[pa.Table, pa.Table, int]:
     """(good pairs, rejected rows with reasons, rows read) of one unit.
 
     Good pairs have the columns qid, docid, query, text, title, url and ``_clipped`` (the passage was cut to
     ``max_chars``). A rejected row's ``line`` is its 1-based row number in a Parquet file, or the byte offset of
-    its line in a JSONL file (counting lines would mean reading the file from its start).
+    its line in a JSONL file (counting lines would mean reading the file from its start). ``drop`` maps
+    positions (0-based Parquet row, JSONL byte offset) to the reason they are rejected (``find_duplicates``).
     """
     source = f"{unit.path}"
     if unit.fmt == "parquet":
         table = _read_parquet_rows(unit.path, unit.start, unit.stop)
-        line = pa.array(np.arange(unit.start, unit.start + table.num_rows) + 1, pa.int64())  # 1-based row
+        pos = np.arange(unit.start, unit.start + table.num_rows)
+        line = pa.array(pos + 1, pa.int64())  # 1-based row
         bad_rows: list[tuple[int, str, str]] = []
     else:
         rows, bad_rows = _jsonl_rows(unit)
         table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in INPUT_COLUMNS})
-        line = pa.array([r["_offset"] for r in rows], pa.int64())  # byte offset of the line
+        pos = np.array([r["_offset"] for r in rows], dtype=np.int64)
+        line = pa.array(pos, pa.int64())  # byte offset of the line
     n_read = table.num_rows + len(bad_rows)
+    dropped = np.isin(pos, np.fromiter(drop, np.int64)) if drop else np.zeros(len(pos), bool)
+    if dropped.any():
+        idx = np.flatnonzero(dropped)
+        dup_rows = [(int(line[i].as_py()), drop[int(pos[i])], repr(r))
+                    for i, r in zip(idx, table.take(pa.array(idx)).to_pylist(), strict=True)]  # fmt: skip
+        bad_rows = [*bad_rows, *dup_rows]
+        table, line = table.filter(pa.array(~dropped)), line.filter(pa.array(~dropped))
     try:
         conformed = T.conform(T.PAIRS, table, source)
     except T.SchemaError as e:
@@ -285,31 +405,60 @@ def read_unit(unit: WorkUnit, max_chars: int) -> tuple[pa.Table, pa.Table, int]:
     return good, rejected, n_read
 
 
-def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
-    """Ray Data map_batches fn (tasks): unit descriptors -> their good pairs, tagged with their unit.
+#: OUT/_pieces/<unit>/: a unit's judged fragments and its pieces' rejected rows, until the unit is assembled
+PIECES = "_pieces"
 
-    Bad rows are written to ``rejected/`` here, before the unit's judgments exist; a unit without a single good
-    pair is finished here too (an empty partition), as nothing of it goes on to the judge.
+
+def _piece_file(unit: str, piece: int, first: int, n: int) -> str:
+    """A fragment's name, relative to OUT: which piece of which unit, and which of the piece's rows."""
+    return f"{PIECES}/{unit}/p{piece:04d}-{first:08d}-{n:08d}.parquet"
+
+
+def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
+    """Ray Data map_batches fn (tasks): piece descriptors -> their good pairs, tagged with unit and piece.
+
+    Bad rows are written to ``rejected/`` here (a piece's to ``_pieces/<unit>/``), before the unit's judgments
+    exist. A unit without a single good pair is finished here too (an empty partition); so is an empty piece
+    (an empty fragment), as nothing of it goes on to the judge.
     """
     parts = []
     for d in batch.to_pylist():
-        unit = WorkUnit(**{k: d[k] for k in ("name", "path", "fmt", "start", "stop")})
-        good, rejected, n_read = read_unit(unit, max_chars)
+        unit = WorkUnit(d["name"], d["path"], d["fmt"], d["piece_start"], d["piece_stop"])
+        piece, pieces = d["piece"], d["pieces"]
+        drop = {int(k): v for k, v in json.loads(d["drop"]).items()}
+        good, rejected, n_read = read_unit(unit, max_chars, drop)
         if rejected.num_rows:
-            _write_atomic(rejected, Path(out) / "rejected" / f"{unit.name}.parquet", {"unit": unit.name})
+            where = (
+                f"rejected/{unit.name}.parquet"
+                if pieces == 1
+                else f"{PIECES}/{unit.name}/rejected-{piece:04d}.parquet"
+            )
+            _write_atomic(rejected, Path(out) / where, {"unit": unit.name, "piece": piece})
         n = good.num_rows
         if n == 0:
-            _write_atomic(_empty_judgments(0), Path(out) / f"{unit.name}.parquet",
-                          {"unit": unit.name, "read": n_read, "judged": 0})  # fmt: skip
+            meta = {"unit": unit.name, "read": n_read, "judged": 0}
+            if pieces == 1:
+                _write_atomic(_empty_judgments(0), Path(out) / f"{unit.name}.parquet", meta)
+            else:
+                _write_atomic(_empty_judgments(0), Path(out) / _piece_file(unit.name, piece, 0, 0),
+                              {**meta, "piece": piece, "expect": 0, "rejected": rejected.num_rows})  # fmt: skip
             continue
-        parts.append(good.append_column("_unit", pa.array([unit.name] * n, pa.string()))
-                     .append_column("_expect", pa.array([n] * n, pa.int64()))
-                     .append_column("_read", pa.array([n_read] * n, pa.int64())))  # fmt: skip
+        tags = {"_unit": pa.array([unit.name] * n, pa.string()), "_piece": pa.array([piece] * n, pa.int32()),
+                "_pieces": pa.array([pieces] * n, pa.int32()), "_pos": pa.array(np.arange(n), pa.int64()),
+                "_expect": pa.array([n] * n, pa.int64()), "_read": pa.array([n_read] * n, pa.int64()),
+                "_rejected": pa.array([rejected.num_rows] * n, pa.int64())}  # fmt: skip
+        for c, a in tags.items():
+            good = good.append_column(c, a)
+        parts.append(good)
     return pa.concat_tables(parts) if parts else _READ_SCHEMA.empty_table()
 
 
-_READ_SCHEMA = pa.schema([*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("_clipped", pa.bool_()),
-                          ("_unit", pa.string()), ("_expect", pa.int64()), ("_read", pa.int64())])  # fmt: skip
+#: The bookkeeping columns a pair carries from the reader to the writer (the judge passes them through).
+_TAGS = pa.schema([("_unit", pa.string()), ("_piece", pa.int32()), ("_pieces", pa.int32()), ("_pos", pa.int64()),
+                   ("_expect", pa.int64()), ("_read", pa.int64()), ("_rejected", pa.int64())])  # fmt: skip
+_READ_SCHEMA = pa.schema(
+    [*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("_clipped", pa.bool_()), *_TAGS]
+)
 
 
 # ------------------------------------------------------------------------------------------ judge
@@ -318,8 +467,8 @@ _READ_SCHEMA = pa.schema([*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("
 class JudgeActor:
     """Ray Data map_batches callable class: the judge, loaded once per actor, grading batches of pairs.
 
-    Input columns: qid, docid, query, text, title, url, _clipped, _unit, _expect, _read (from ``read_units``).
-    Output: the judgments columns plus _unit, _expect, _read, _actor, _busy_s (for the writer and manifest).
+    Input columns: qid, docid, query, text, title, url, _clipped and the ``_TAGS`` (from ``read_units``).
+    Output: the judgments columns plus the ``_TAGS``, _actor, _busy_s (for the writer and manifest).
     """
 
     def __init__(self, judge: str, template: str, max_doc_tokens: int, dtype: str, batch_size: int,
@@ -347,7 +496,7 @@ class JudgeActor:
         out = judgments_table(pairs, s, self.judge.card.name, self.scorer.prompt_version)
         busy = time.perf_counter() - t0
         n = out.num_rows
-        for c in ("_unit", "_expect", "_read"):
+        for c in _TAGS.names:
             out = out.append_column(c, pairs.column(c))
         return out.append_column("_actor", pa.array([self.actor] * n, pa.string())).append_column(
             "_busy_s", pa.array([busy / max(1, n)] * n, pa.float64())
@@ -372,28 +521,109 @@ def _write_atomic(table: pa.Table, path: Path, meta: dict[str, Any]) -> None:
 
 
 def write_units(batch: pa.Table, out: str) -> pa.Table:
-    """Ray Data map_batches fn (tasks): judged rows -> one partition per unit; returns one summary row per unit.
+    """Ray Data map_batches fn (tasks): judged rows -> partitions; returns one summary row per unit piece seen.
 
-    A batch may hold several units (Ray Data bundles small blocks); a unit spans batches only if a block was
-    split, which the row count check turns into a loud error instead of a short partition.
+    A whole one-piece unit (the usual case) is written as its partition here. Part of one (a unit cut into
+    pieces for a pool larger than the run, or a block Ray Data split for its size) is written as a fragment
+    under ``_pieces/<unit>/``, named after its rows, and the driver assembles the partition once the summaries
+    show every row of every piece (``assemble_unit``): a retried task rewrites the same rows, which count once.
     """
-    units = batch.column("_unit").to_pylist()
+    units, pieces = batch.column("_unit").to_pylist(), batch.column("_piece").to_pylist()
     summary = defaultdict(list)
-    for name in dict.fromkeys(units):
-        rows = batch.take(pa.array([i for i, u in enumerate(units) if u == name]))
-        expect = rows.column("_expect")[0].as_py()
-        if rows.num_rows != expect:
-            raise RuntimeError(f"unit {name}: {rows.num_rows} judged rows in this block, {expect} expected "
-                               "(a unit was split across blocks: lower unit_rows)")  # fmt: skip
-        n_read = rows.column("_read")[0].as_py()
-        table = rows.drop_columns(["_unit", "_expect", "_read", "_actor", "_busy_s"])
-        _write_atomic(table, Path(out) / f"{name}.parquet", {"unit": name, "read": n_read, "judged": expect})
+    for name, piece in dict.fromkeys(zip(units, pieces, strict=True)):
+        rows = batch.take(
+            pa.array([i for i, k in enumerate(zip(units, pieces, strict=True)) if k == (name, piece)])
+        )
+        expect, n_read, n_pieces, n_rejected = (rows.column(c)[0].as_py() for c in ("_expect", "_read", "_pieces",
+                                                                                    "_rejected"))  # fmt: skip
+        judged = rows.drop_columns([*_TAGS.names, "_actor", "_busy_s"])
+        if n_pieces == 1 and rows.num_rows == expect:
+            _write_atomic(judged.take(pc.sort_indices(rows.column("_pos"))), Path(out) / f"{name}.parquet",
+                          {"unit": name, "read": n_read, "judged": expect})  # fmt: skip
+            fragment = ""
+        else:
+            start = int(pc.min(rows.column("_pos")).as_py())
+            fragment = _piece_file(name, piece, start, rows.num_rows)
+            _write_atomic(judged.append_column("_pos", rows.column("_pos")), Path(out) / fragment,
+                          {"unit": name, "piece": piece, "read": n_read, "expect": expect,
+                           "rejected": n_rejected})  # fmt: skip
         summary["unit"].append(name)
-        summary["judged"].append(expect)
+        summary["piece"].append(piece)
+        summary["pieces"].append(n_pieces)
+        summary["judged"].append(rows.num_rows)
+        summary["expect"].append(expect)
         summary["read"].append(n_read)
+        summary["rejected"].append(n_rejected)
+        summary["fragment"].append(fragment)
         summary["actor"].append(rows.column("_actor")[0].as_py())
         summary["busy_s"].append(float(pc.sum(rows.column("_busy_s")).as_py()))
     return pa.table(dict(summary))
+
+
+@dataclass
+class _Assembly:
+    """What the driver knows of a unit that arrives in fragments: per piece, its rows' fragments and counts."""
+
+    pieces: int
+    fragments: dict[int, list[str]]
+    expect: dict[int, int]
+    read: dict[int, int]
+    rejected: dict[int, int]
+    covered: dict[int, set[int]]
+
+    @classmethod
+    def empty(cls, pieces: int) -> _Assembly:
+        return cls(pieces, defaultdict(list), {}, {}, {}, defaultdict(set))
+
+    def add(self, piece: int, fragment: str, expect: int, read: int, rejected: int) -> None:
+        first, n = (int(x) for x in Path(fragment).stem.split("-")[1:])
+        self.fragments[piece].append(fragment)
+        self.expect[piece], self.read[piece], self.rejected[piece] = expect, read, rejected
+        self.covered[piece].update(range(first, first + n))
+
+    def complete(self) -> bool:
+        return all(p in self.expect and len(self.covered[p]) == self.expect[p] for p in range(self.pieces))
+
+
+def _find_empty_pieces(out: Path, name: str, asm: _Assembly) -> None:
+    """Pieces with no good pair never reach the writer: their reader left an empty fragment, read here by name."""
+    for p in range(asm.pieces):
+        if p not in asm.expect:
+            path = out / _piece_file(name, p, 0, 0)
+            if path.exists():
+                meta = _read_unit_meta(path)
+                asm.add(p, _piece_file(name, p, 0, 0), 0, meta["read"], meta["rejected"])
+
+
+def assemble_unit(out: Path, name: str, asm: _Assembly) -> None:
+    """A unit's partition from its fragments: rows in piece and row order, each once; the pieces' rejected rows
+    first (as a one-piece unit's reader writes them before its judgments)."""
+    tables = [_tag_piece(pq.read_table(out / f), p) for p, files in sorted(asm.fragments.items()) for f in files
+              if not f.endswith(_piece_file(name, p, 0, 0))]  # fmt: skip
+    expect = sum(asm.expect.values())
+    if tables:
+        rows = pa.concat_tables(tables).sort_by([("_piece", "ascending"), ("_pos", "ascending")])
+        keep = ~T.duplicate_mask(rows, ["_piece", "_pos"])  # a retried task's copy of rows already written
+        rows = rows.filter(pa.array(keep)).drop_columns(["_piece", "_pos"])
+    else:
+        rows = _empty_judgments(0)
+    if rows.num_rows != expect:
+        raise DataError(f"unit {name}: {rows.num_rows} judged rows in its fragments, {expect} expected")
+    if asm.pieces > 1:
+        rejected = [pq.read_table(out / PIECES / name / f"rejected-{p:04d}.parquet")
+                    for p in range(asm.pieces) if asm.rejected.get(p)]  # fmt: skip
+        if rejected:
+            _write_atomic(pa.concat_tables(rejected).replace_schema_metadata(None),
+                          out / "rejected" / f"{name}.parquet", {"unit": name})  # fmt: skip
+    _write_atomic(
+        rows, out / f"{name}.parquet", {"unit": name, "read": sum(asm.read.values()), "judged": expect}
+    )
+    shutil.rmtree(out / PIECES / name, ignore_errors=True)
+
+
+def _tag_piece(table: pa.Table, piece: int) -> pa.Table:
+    table = table.replace_schema_metadata(None)
+    return table.append_column("_piece", pa.array([piece] * table.num_rows, pa.int32()))
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -523,11 +753,14 @@ def check_fits(
                           f"{gpus:g} GPUs hold beside the read/write tasks")  # fmt: skip
 
 
-def transform(units, cfg: AnnotateConfig, res: ActorResources):
-    """Lazy Ray Data pipeline: unit descriptors -> read tasks -> judge actors -> write tasks -> unit summaries.
+def transform(units, cfg: AnnotateConfig, res: ActorResources, read_first: bool = False):
+    """Lazy Ray Data pipeline: piece descriptors -> read tasks -> judge actors -> write tasks -> piece summaries.
 
     The reads and writes are tasks of this pipeline (not a ``read_parquet`` before it and a ``write_parquet``
     after it) because exactly-once needs one atomically written partition per unit, named after the unit.
+    ``read_first`` reads every piece before judging starts (a small run: a few units cut into pieces), so the
+    actors get the pieces at once, one after the other: streamed, an actor that finished its piece before the
+    next read ended took that one too, and the rest of the pool idled (seen with 4 pieces and 2 actors).
     """
     import ray.data
 
@@ -543,9 +776,13 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources):
     io = ray.data.TaskPoolStrategy(size=IO_TASK_POOL)
     ds = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS, compute=io,
                            fn_kwargs={"out": str(Path(cfg.out).resolve()), "max_chars": max_chars})  # fmt: skip
+    if read_first:
+        ds = ds.materialize()
+    if res.concurrency[0] > 1:
+        ds.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
     ds = ds.map_batches(
         JudgeActor,
-        batch_size=None,  # a whole block (one or more whole units) per call
+        batch_size=None,  # a whole block (a unit, a piece of one, or part of one Ray Data split) per call
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "judge": cfg.judge,
@@ -573,8 +810,9 @@ def done_units(out: Path) -> set[str]:
     return {p.stem for p in out.glob("part-*.parquet")}
 
 
-def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any]) -> set[str]:
-    """Check OUT against the plan; return the units already done. Refuses to mix two different runs."""
+def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any]) -> tuple[set[str], int]:
+    """Check OUT against the plan; return the units already done and the pieces per unit (a resumed run keeps
+    its first run's, so a unit's pairs are batched alike). Refuses to mix two different runs."""
     out = Path(cfg.out)
     plan_path = out / PLAN
     if plan_path.exists() and not cfg.overwrite:
@@ -594,7 +832,8 @@ def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any
                         len(units) - len(done), len(done))  # fmt: skip
         for tmp in out.rglob(".part-*.tmp"):  # left by a writer that was killed mid-write
             tmp.unlink()
-        return done & {u.name for u in units}
+        shutil.rmtree(out / PIECES, ignore_errors=True)  # fragments of unfinished units: they run again whole
+        return done & {u.name for u in units}, int(old.get("pieces", 1))
     if cfg.overwrite and out.exists():
         for p in [
             *out.glob("part-*.parquet"),
@@ -602,6 +841,7 @@ def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any
             *out.rglob(".part-*.tmp"),
         ]:
             p.unlink()
+        shutil.rmtree(out / PIECES, ignore_errors=True)
     elif out.exists() and any(out.glob("part-*.parquet")):
         raise ConfigError(f"out: {out} already holds part files from something else: choose another directory "
                           "or pass --overwrite")  # fmt: skip
@@ -609,7 +849,7 @@ def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any
     tmp = out / f".{PLAN}.tmp"
     tmp.write_text(json.dumps(plan, indent=2) + "\n")
     os.replace(tmp, plan_path)
-    return set()
+    return set(), int(plan.get("pieces", 1))
 
 
 def _read_unit_meta(path: Path) -> dict[str, Any]:
@@ -645,15 +885,26 @@ def run(cfg: AnnotateConfig) -> StageResult:
             if is_judge_dir(cfg.judge)
             else {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens}
         )
+        duplicates = find_duplicates(units)
+        pieces = plan_pieces(len(units), res.concurrency[1], cfg.unit_rows, res.batch_size)
         plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
-                "prompt": prompt, "n_units": len(units),
+                "prompt": prompt, "n_units": len(units), "pieces": pieces,
                 "scoring": {"dtype": cfg.dtype, "batch_size": res.batch_size, "max_batch_tokens": res.max_batch_tokens},
                 "units": [asdict(u) for u in units]}  # fmt: skip
-        done = _prepare_out(cfg, units, plan)
+        done, pieces = _prepare_out(cfg, units, plan)
         pending = [u for u in units if u.name not in done]
         if cfg.limit_units:
             pending = pending[: cfg.limit_units]
-        log.info("%d units, %d done, %d to run", len(units), len(done), len(pending))
+        n_dup = sum(len(d) for d in duplicates.values())
+        log.info("%d units, %d done, %d to run, %d piece(s) each; %d duplicate pairs rejected", len(units),
+                 len(done), len(pending), pieces, n_dup)  # fmt: skip
+        descriptors = [
+            {"name": u.name, "path": u.path, "fmt": u.fmt, "piece": i, "pieces": len(ranges), "piece_start": a,
+             "piece_stop": b, "drop": json.dumps({p: r for p, r in duplicates.get(u.name, {}).items() if a <= p < b})}
+            for u in pending for ranges in [unit_pieces(u, pieces)] for i, (a, b) in enumerate(ranges)
+        ]  # fmt: skip
+        assembling: dict[str, _Assembly] = {}
+        assembled: set[str] = set()
         per_actor: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         t_start = time.perf_counter()
         judged_now = 0
@@ -664,8 +915,8 @@ def run(cfg: AnnotateConfig) -> StageResult:
         if pending:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # ours counts pairs; Ray's per-operator bars would repeat it
-            units_ds = ray.data.from_items([asdict(u) for u in pending], override_num_blocks=len(pending))
-            ds = transform(units_ds, cfg, res)
+            units_ds = ray.data.from_items(descriptors, override_num_blocks=len(descriptors))
+            ds = transform(units_ds, cfg, res, read_first=pieces > 1)
             est = estimate_pairs(pending) or None
             with progress(est) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -677,8 +928,28 @@ def run(cfg: AnnotateConfig) -> StageResult:
                         per_actor[row["actor"]][1] += row["busy_s"]
                         judged_now += row["judged"]
                         bar.update(row["judged"])
+                        name = row["unit"]
+                        if row["fragment"] and name not in assembled:
+                            asm = assembling.setdefault(name, _Assembly.empty(row["pieces"]))
+                            asm.add(
+                                row["piece"], row["fragment"], row["expect"], row["read"], row["rejected"]
+                            )
+                            if asm.complete():
+                                assemble_unit(out, name, assembling.pop(name))
+                                assembled.add(name)
+            # units cut into pieces whose last pieces held no good pair: their readers left empty fragments
+            n_pieces = {d["name"]: d["pieces"] for d in descriptors}
+            for name in [n for n, k in n_pieces.items() if k > 1 or n in assembling]:
+                if name in assembled or (out / f"{name}.parquet").exists():
+                    continue
+                asm = assembling.pop(name, None) or _Assembly.empty(n_pieces[name])
+                _find_empty_pieces(out, name, asm)
+                if asm.complete():
+                    assemble_unit(out, name, asm)
+                    assembled.add(name)
         run_s = time.perf_counter() - t_start
         counts, missing, mismatched = _account(out, units)
+        counts["duplicates"] = n_dup
     if missing and not cfg.limit_units:
         raise DataError(f"{len(missing)} units have no output after the run (first: {missing[0]}): run again "
                         "with --resume")  # fmt: skip
@@ -693,6 +964,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
          "steady_pairs_per_s": round((judged_now - judged_first) / (t_last - t_first), 3)
          if t_first is not None and t_last > t_first else None,
          "pairs_per_s_per_actor": {a: round(n / s, 3) if s else None for a, (n, s) in per_actor.items()},
+         "pieces_per_unit": pieces, "units_assembled": len(assembled),
          "complete": not missing},
     )  # fmt: skip
 

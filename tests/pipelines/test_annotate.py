@@ -17,7 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import AnnotateConfig, estimate_pairs, plan_units, read_unit, run
+from pipelines.annotate import (
+    AnnotateConfig,
+    estimate_pairs,
+    find_duplicates,
+    plan_pieces,
+    plan_units,
+    read_unit,
+    run,
+    unit_pieces,
+)
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
 
@@ -126,6 +135,38 @@ def test_missing_columns_are_named(tmp_path):
         plan_units(str(d), 10)
 
 
+def test_duplicates_are_found_across_files_and_units(tmp_path):
+    rows = _pairs(30)
+    d = _write_parquet_shards(tmp_path / "pairs", rows, shards=2)  # q0..q1 in file 0, q1..q2 in file 1
+    extra = [dict(rows[3]), dict(rows[25]), dict(rows[25])]  # a pair of file 0 again, one of file 1 twice
+    pq.write_table(pa.Table.from_pylist(extra), d / "part-00002.parquet")
+    units, _ = plan_units(str(d), 4)
+    dups = find_duplicates(units)
+    assert dups == {"part-00002-00000": {
+        0: "duplicate (qid, docid): judged in unit part-00000-00000, row 4",
+        1: "duplicate (qid, docid): judged in unit part-00001-00002, row 11",
+        2: "duplicate (qid, docid): judged in unit part-00001-00002, row 11"}}  # fmt: skip
+    good, rejected, n_read = read_unit(units[-1], 10_000, dups["part-00002-00000"])
+    assert good.num_rows == 0 and n_read == 3 and rejected.column("line").to_pylist() == [1, 2, 3]
+    # JSONL: positions are byte offsets of the lines
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(r) for r in [rows[0], rows[1], rows[0]]]
+    path.write_text("\n".join(lines) + "\n")
+    (unit,), _ = plan_units(str(path), 100)
+    offset = len(lines[0]) + len(lines[1]) + 2
+    assert find_duplicates([unit]) == {unit.name: {offset: f"duplicate (qid, docid): judged in unit {unit.name}, byte 0"}}
+
+
+def test_pieces_only_when_the_units_are_fewer_than_the_pool():
+    assert plan_pieces(100, 8, 2048, 64) == 1
+    assert plan_pieces(1, 2, 2048, 64) == 4 and plan_pieces(3, 2, 2048, 64) == 2
+    assert plan_pieces(1, 8, 100, 64) == 1  # no piece smaller than a forward batch
+    from pipelines.annotate import WorkUnit
+
+    assert unit_pieces(WorkUnit("u", "f", "parquet", 10, 20), 4) == [(10, 13), (13, 16), (16, 19), (19, 20)]
+    assert unit_pieces(WorkUnit("u", "f", "parquet", 10, 12), 4) == [(10, 11), (11, 12)]
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -153,7 +194,7 @@ def reference_run(ray_session, tiny_causal_lm, pairs_dir, tmp_path_factory):
 def test_run_judges_every_pair_exactly_once(reference_run, pairs_dir):
     out, result = reference_run
     judged, rejected = read_table(out), read_table(out / "rejected")
-    assert result.counts == {"pairs_in": 240, "judged": 238, "rejected": 2}
+    assert result.counts == {"pairs_in": 240, "judged": 238, "rejected": 2, "duplicates": 0}
     assert sorted(_keys(judged)) == sorted(set(_keys(read_table(pairs_dir))) - {("q0", "d5"), ("q7", "d77")})
     probs = np.asarray(judged.column("probs").to_pylist())
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
@@ -204,7 +245,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, referenc
     worker.join(timeout=300)
     assert killed_at is not None and killed_at < 60, "the actor was not killed while units were pending"
     r = result["r"]
-    assert r.counts == {"pairs_in": 240, "judged": 238, "rejected": 2}
+    assert r.counts == {"pairs_in": 240, "judged": 238, "rejected": 2, "duplicates": 0}
     judged = read_table(out)
     assert len(set(_keys(judged))) == judged.num_rows == 238
     ref = read_table(reference_run[0])
@@ -230,12 +271,49 @@ def test_resume_after_driver_killed_equals_uninterrupted_run(ray_session, refere
     assert 10 <= done_before < 60
     r = run(_cfg(tiny_causal_lm, pairs_dir, out, unit_rows=4, resume=True))
     assert r.extra["units_this_run"] == 60 - done_before
-    assert r.counts == {"pairs_in": 240, "judged": 238, "rejected": 2}
+    assert r.counts == {"pairs_in": 240, "judged": 238, "rejected": 2, "duplicates": 0}
     uninterrupted = tmp_path / "uninterrupted"
     run(_cfg(tiny_causal_lm, pairs_dir, uninterrupted, unit_rows=4))
     for name in sorted(p.name for p in uninterrupted.glob("part-*.parquet")):
         assert pq.read_table(out / name).equals(pq.read_table(uninterrupted / name)), name
     assert read_table(out / "rejected").equals(read_table(uninterrupted / "rejected"))
+
+
+def test_a_unit_smaller_than_the_pool_uses_every_actor(ray_session, tiny_causal_lm, tmp_path):
+    """One unit and two actors: the unit is read in pieces, both actors judge, the partition is whole."""
+    rows = _pairs(40)
+    rows[3]["text"] = None  # rejected in the first piece
+    rows[39]["docid"] = "d30"  # a duplicate of row 30, in the last piece
+    d = _write_parquet_shards(tmp_path / "pairs", rows, shards=1)
+    out = tmp_path / "out"
+    r = run(_cfg(tiny_causal_lm, d, out, unit_rows=100, concurrency=(2, 2)))
+    assert r.counts == {"pairs_in": 40, "judged": 38, "rejected": 2, "duplicates": 1}
+    assert r.extra["units"] == 1 and r.extra["pieces_per_unit"] == 4 and r.extra["units_assembled"] == 1
+    assert len(r.extra["pairs_per_s_per_actor"]) == 2, r.extra["pairs_per_s_per_actor"]
+    judged = pq.read_table(out / "part-00000-00000.parquet")
+    assert _keys(judged) == [(x["qid"], x["docid"]) for i, x in enumerate(rows) if i not in (3, 39)]  # input order
+    reasons = pq.read_table(out / "rejected" / "part-00000-00000.parquet").column("reason").to_pylist()
+    assert reasons[0] == "text: missing value (null)" and reasons[1].startswith("duplicate (qid, docid)")
+    assert not (out / "_pieces").exists() or not any((out / "_pieces").iterdir())
+
+
+def test_a_unit_split_across_blocks_is_written_exactly_once(ray_session, reference_run, tiny_causal_lm, pairs_dir,
+                                                           tmp_path):  # fmt: skip
+    """Ray Data cuts a block larger than target_max_block_size: a unit then reaches the writers in parts."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.target_max_block_size
+    ctx.target_max_block_size = 4096  # a 60-pair unit holds about 10 kB
+    try:
+        r = run(_cfg(tiny_causal_lm, pairs_dir, tmp_path / "out", unit_rows=60))
+    finally:
+        ctx.target_max_block_size = before
+    assert r.counts == {"pairs_in": 240, "judged": 238, "rejected": 2, "duplicates": 0}
+    assert r.extra["units_assembled"] >= 1  # the split happened, and the parts were put together
+    judged = read_table(tmp_path / "out")
+    assert len(set(_keys(judged))) == judged.num_rows == 238
+    assert sorted(_keys(judged)) == sorted(_keys(read_table(reference_run[0])))
 
 
 def test_pool_that_would_starve_reads_is_refused(tmp_path):
