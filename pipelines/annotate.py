@@ -949,7 +949,6 @@ def run(cfg: AnnotateConfig) -> StageResult:
                     assembled.add(name)
         run_s = time.perf_counter() - t_start
         counts, missing, mismatched = _account(out, units)
-        counts["duplicates"] = n_dup
     if missing and not cfg.limit_units:
         raise DataError(f"{len(missing)} units have no output after the run (first: {missing[0]}): run again "
                         "with --resume")  # fmt: skip
@@ -965,6 +964,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
          if t_first is not None and t_last > t_first else None,
          "pairs_per_s_per_actor": {a: round(n / s, 3) if s else None for a, (n, s) in per_actor.items()},
          "pieces_per_unit": pieces, "units_assembled": len(assembled),
+         "duplicates_rejected": n_dup,  # of counts.rejected: pairs that came earlier in the input
          "complete": not missing},
     )  # fmt: skip
 
