@@ -197,9 +197,16 @@ def _write_parts(ds, out: Path) -> tuple[int, dict[str, int]]:
         per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + int(row["rows"])
     for old in out.glob("part-*.parquet"):
         old.unlink()
-    for i, f in enumerate(sorted(staging.glob("*.parquet"))):
+    files = sorted(staging.glob("*.parquet"))
+    for i, f in enumerate(files):
         os.replace(f, out / f"part-{i:05d}.parquet")
     shutil.rmtree(staging)
+    if not files:  # no pair to featurize: the table is still there, empty, for the stages after this one
+        from models.features import FEATURES
+
+        schema = pa.schema([("qid", pa.string()), ("docid", pa.string()), ("label", pa.int8()),
+                            *((f, pa.float32()) for f in FEATURES)])  # fmt: skip
+        write_table(out, schema.empty_table())
     n = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
     return n, dict(sorted(per_actor.items()))
 

@@ -250,3 +250,16 @@ def test_augment_with_a_perfect_judge_matches_full_human_labels(feature_table, t
     ).read_text()
     per_query = read_table(tmp_path / "aug" / "per_query")
     assert per_query.num_rows == len(cfg.methods) * r.counts["queries"]
+
+
+def test_features_of_no_pairs_is_an_empty_table(ray_session, tmp_path):
+    import ray
+
+    from pipelines.rank import _write_parts
+
+    ds = ray.data.from_arrow(
+        pa.table({"qid": pa.array([], pa.string()), "_actor": pa.array([], pa.string())})
+    )
+    n, per_actor = _write_parts(ds, tmp_path / "f")
+    t = read_table(tmp_path / "f")
+    assert n == 0 and per_actor == {} and t.num_rows == 0 and set(FEATURES) <= set(t.column_names)
