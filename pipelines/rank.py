@@ -389,11 +389,21 @@ def split_queries(qids: list[str], val_fraction: float, seed: int) -> tuple[set[
     return {q for q, s in split.items() if s == "train"}, {q for q, s in split.items() if s == "val"}
 
 
+def split_training_queries(table: pa.Table, val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(train, early-stopping) queries of a features table: queries with human labels and judge-only queries are
+    split apart, each by ``val_fraction``. In a table of a few human-labelled queries beside many judged ones, one
+    split over all would leave the human ranker's early stopping a query or two."""
+    human_q = set(table.filter(pc.is_valid(table.column("label"))).column("qid").to_pylist())
+    other_q = set(table.column("qid").to_pylist()) - human_q
+    parts = [split_queries(sorted(qs), val_fraction, seed) for qs in (human_q, other_q) if qs]
+    return set().union(*(t for t, _ in parts)), set().union(*(v for _, v in parts))
+
+
 def train(cfg: RankTrainConfig) -> StageResult:
     out = Path(cfg.out)
     with Timer() as timer:
         table = attach_judge(read_features(cfg.features), cfg.judgments)
-        train_q, val_q = split_queries(table.column("qid").to_pylist(), cfg.val_fraction, cfg.seed)
+        train_q, val_q = split_training_queries(table, cfg.val_fraction, cfg.seed)
         ranker, info = fit_ranker(table, cfg, train_q, val_q)
         ranker.save(out, label_source=cfg.label_source, human_fraction=cfg.human_fraction,
                     leaks_judge=cfg.use_judge_feature)  # fmt: skip

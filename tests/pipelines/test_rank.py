@@ -263,3 +263,14 @@ def test_features_of_no_pairs_is_an_empty_table(ray_session, tmp_path):
     n, per_actor = _write_parts(ds, tmp_path / "f")
     t = read_table(tmp_path / "f")
     assert n == 0 and per_actor == {} and t.num_rows == 0 and set(FEATURES) <= set(t.column_names)
+
+
+def test_early_stopping_queries_are_drawn_from_human_and_judge_only_queries_apart():
+    from pipelines.rank import split_training_queries
+
+    human = [f"h{i}" for i in range(5)]
+    judged = [f"j{i}" for i in range(45)]
+    table = pa.table({"qid": human + judged, "label": pa.array([2] * 5 + [None] * 45, pa.int8())})
+    train_q, val_q = split_training_queries(table, 0.2, 0)
+    assert len(val_q & set(human)) == 1 and len(val_q & set(judged)) == 9
+    assert train_q | val_q == set(human + judged) and not train_q & val_q
