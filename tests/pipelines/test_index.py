@@ -39,16 +39,30 @@ def test_dense_build_spreads_documents_over_every_encoder_actor(ray_session, tin
     """One in-memory docs table, two encoder actors: both must encode (it used to be one block, one actor)."""
     from pipelines.index import IndexConfig, build
     from retrieval.dense import DenseIndex, DocVectors
+    from retrieval.docstore import DocStore
 
     n = 64
-    docs = pa.table(
-        {"docid": [f"d{i}" for i in range(n)], "text": [f"the cat sat on mat {i}" for i in range(n)]}
-    )
+    words = [
+        "river",
+        "town",
+        "company",
+        "species",
+        "population",
+        "founded",
+        "lives",
+        "eats",
+    ]  # the tiny vocab
+    texts = [f"the {words[i % 8]} of {words[i // 8]} was founded" for i in range(n)]  # 64 distinct texts
+    docs = pa.table({"docid": [f"d{i}" for i in range(n)], "text": texts})
     write_table(tmp_path / "docs", docs)
     result = build(IndexConfig(docs=str(tmp_path / "docs"), out=str(tmp_path / "index"), encoder=str(tiny_causal_lm),
                                batch_size=4, concurrency=2, num_cpus_per_actor=0.5))  # fmt: skip
     assert result.extra["encoder_actors"] == 2
+    # FAISS rows and stored vectors follow the document store's rows whatever order the actors finished in
+    assert result.extra["dense_rows"] == "docstore"
     index = DenseIndex.load(tmp_path / "index" / "dense", device="cpu")
-    assert sorted(index.docids) == sorted(docs.column("docid").to_pylist())
+    store = DocStore.open(tmp_path / "index" / "docstore")
+    assert index.docids == store.docids().to_pylist() == docs.column("docid").to_pylist()
     vecs = DocVectors.load(tmp_path / "index" / "dense")
-    assert vecs.get(["d5"]).shape == (1, 32)
+    (hits,) = index.search(vecs.get(["d5"]), k=1)
+    assert hits[0][0] == "d5" and vecs.vectors.shape == (n, 32)
