@@ -112,6 +112,7 @@ def test_shipped_pipelines_load_and_wire_every_stage(name):
     if name == "gpu-cluster.yaml":
         (ft,) = built["judge"]
         assert ft.use_gpu and ft.dtype == "bf16" and ft.base_model == "google/gemma-2-9b-it"
+        assert ft.deepspeed == "auto"  # ZeRO-2 where the 9B base fits a GPU, offload only where it cannot
         (ann,) = built["annotate"]
         assert ann.profile == "gpu-8" and ann.autoscaling_cluster
         (ix,) = built["index"]
