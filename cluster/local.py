@@ -1,7 +1,11 @@
 """``augrel cluster up|down|status``: a real multi-node Ray cluster on this machine, on 127.0.0.1.
 
 ``up`` runs ``ray start --head`` plus N worker raylets, each as its own process group, and records their
-process ids in ``$AUGREL_HOME/clusters/<name>.json``. ``down`` stops exactly those process groups (never
+process ids in ``$AUGREL_HOME/clusters/<name>.json``. Each node gets an ``AUGREL_HOME`` of its own
+(``$AUGREL_HOME/clusters/<name>-nodes/<role>``), as KubeRay pods each have their own disk: whatever a task
+resolves on its node (the converted offline model, caches) lands in that node's home, so a path that only exists
+on the driver's node fails here as it would on a real cluster. ``$AUGREL_MODEL_CACHE``, when set, is every
+node's shared model cache (a PVC's role). ``down`` stops exactly those process groups (never
 ``ray stop``, which would kill every Ray process on the host, including other users' and the tests').
 """
 
@@ -33,6 +37,7 @@ class NodeProc:
     role: str  # "head" or "worker-<i>"
     pid: int
     log: str
+    home: str = ""  # the node's AUGREL_HOME
 
 
 @dataclass
@@ -116,6 +121,11 @@ def _alive_nodes(dashboard_url: str) -> int:
         return 0
 
 
+def node_home(name: str, role: str) -> Path:
+    """The AUGREL_HOME of node ``role`` ("head", "worker-0", ...) of local cluster ``name``."""
+    return augrel_home() / "clusters" / f"{name}-nodes" / role
+
+
 def _free_port() -> int:
     import socket
 
@@ -129,12 +139,16 @@ def up(
     *,
     name: str = "local",
     cpus_per_node: int | None = None,
+    head_cpus: int | None = None,
     gpus_per_node: int = 0,
     port: int | None = None,
     dashboard_port: int | None = None,
-    timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
 ) -> LocalCluster:
-    """Start a head and ``workers`` worker nodes on 127.0.0.1; wait until every node is alive."""
+    """Start a head and ``workers`` worker nodes on 127.0.0.1; wait until every node is alive.
+
+    ``head_cpus``: CPUs the head offers (default: ``cpus_per_node``); 0 keeps tasks off the head, which then
+    runs only job drivers, as on a KubeRay cluster whose head has ``num-cpus: "0"``."""
     existing = LocalCluster.load(name)
     if existing and existing.alive():
         raise ClusterError(
@@ -164,8 +178,9 @@ def up(
         "cluster.raystart",
         "start",
         "--block",
-        f"--num-cpus={cpus}",
         f"--num-gpus={gpus_per_node}",
+        # Ray 2.60 resolves the node address to the machine's network address without it
+        "--node-ip-address=127.0.0.1",
         f"--object-store-memory={store}",
         "--disable-usage-stats",
     ]
@@ -180,6 +195,9 @@ def up(
 
     def spawn(role: str, args: list[str], node_env: dict[str, str]) -> None:
         log = log_dir / f"{role}.log"
+        home = node_home(name, role)
+        home.mkdir(parents=True, exist_ok=True)
+        node_env = dict(node_env, AUGREL_HOME=str(home))
         with open(log, "w") as fh:
             proc = subprocess.Popen(
                 base + args,
@@ -190,7 +208,7 @@ def up(
                 cwd=cwd,
                 start_new_session=True,  # own process group: `down` stops exactly it
             )
-        cluster.nodes.append(NodeProc(role, proc.pid, str(log)))
+        cluster.nodes.append(NodeProc(role, proc.pid, str(log), str(home)))
         cluster.save()
 
     def gpu_env(i: int) -> dict[str, str]:
@@ -215,6 +233,7 @@ def up(
         "head",
         [
             "--head",
+            f"--num-cpus={cpus if head_cpus is None else head_cpus}",
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
@@ -229,13 +248,27 @@ def up(
     try:
         _wait(lambda: _http_ok(f"{cluster.dashboard_url}/api/version"), deadline, cluster, "the head node")
         for i in range(workers):
-            spawn(f"worker-{i}", [f"--address={cluster.gcs_address}", *node_ports()], gpu_env(i + 1))
-        _wait(
-            lambda: _alive_nodes(cluster.dashboard_url) >= n_nodes,
-            deadline,
-            cluster,
-            f"{n_nodes} alive nodes",
-        )
+            # One at a time: raylets on one host share the session directory, and each names its Unix sockets
+            # by the first free index there; two starting together took the same one ("plasma_store.1") and
+            # the second failed to bind it.
+            for attempt in (1, 2):
+                spawn(f"worker-{i}", [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}", *node_ports()],
+                      gpu_env(i + 1))  # fmt: skip
+                try:
+                    _wait(lambda n=i + 2: _alive_nodes(cluster.dashboard_url) >= n, deadline, cluster,
+                          f"{i + 2} alive nodes")  # fmt: skip
+                    break
+                except ClusterError:
+                    # A raylet aborts when its agents start slower than Ray waits for them (a busy host): a
+                    # worker that died starting is started once more; anything else is an error.
+                    worker_died, head_alive = (
+                        not _group_alive(cluster.nodes[-1].pid),
+                        _group_alive(cluster.nodes[0].pid),
+                    )
+                    if attempt == 2 or not (worker_died and head_alive):
+                        raise
+                    cluster.nodes.pop()
+                    cluster.save()
     except ClusterError:
         down(name)
         raise
@@ -291,4 +324,5 @@ def status(name: str = "local") -> dict:
         "dashboard_url": cluster.dashboard_url,
         "nodes_alive": _alive_nodes(cluster.dashboard_url),
         "processes": {n.role: n.pid for n in cluster.nodes if _group_alive(n.pid)},
+        "homes": {n.role: n.home for n in cluster.nodes},
     }

@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default: 1)")
     p.add_argument("--cpus-per-node", type=int, help="CPUs each node offers (default: cores / nodes)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs each node offers (default: 0)")
+    p.add_argument("--head-cpus", type=int, help="CPUs the head offers (0: job drivers only, as on KubeRay)")
     p.add_argument("--name", default="local", help="the local cluster's name (default: local)")
     p = csub.add_parser(
         "down", help="stop exactly the processes `cluster up` started", formatter_class=_Formatter
@@ -719,7 +720,8 @@ def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
     if a.cluster_command == "up":
-        c = local.up(a.workers, name=a.name, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node)
+        c = local.up(a.workers, name=a.name, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node,
+                     head_cpus=a.head_cpus)  # fmt: skip
         print(f"cluster '{c.name}' up: {len(c.nodes)} nodes on 127.0.0.1")
         print(f"  GCS address   {c.gcs_address}      (augrel --address {c.gcs_address} ...)")
         print(f"  Jobs API      {c.dashboard_url}  (augrel submit --address {c.dashboard_url} -- ...)")
