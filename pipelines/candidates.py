@@ -14,7 +14,6 @@ come from the index's memory-mapped document store, so no process holds the corp
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +114,11 @@ def candidates_dataset(cfg: CandidatesConfig, queries: pa.Table):
 
     labels = None
     if cfg.qrels:
-        table = read_table(cfg.qrels)
-        missing = [c for c in ("qid", "docid", "label") if c not in table.column_names]
-        if missing:
-            raise DataError(f"qrels {cfg.qrels}: no column(s) {missing} (a qrels or pairs table with labels)")
-        labels = ray.put(table.select(["qid", "docid", "label"]))
-    # One block per shard of batch_size queries: a single block from from_arrow would feed one actor only.
-    shards = max(1, math.ceil(queries.num_rows / cfg.batch_size))
-    ds = ray.data.from_arrow(queries.select(["qid", "query"])).repartition(shards)
+        labels = ray.put(read_labels(cfg.qrels))
+    # Blocks of batch_size queries: a single block from from_arrow would feed one actor only.
+    ds = ray.data.from_arrow(queries.select(["qid", "query"])).repartition(
+        target_num_rows_per_block=cfg.batch_size
+    )
     params = {"k": cfg.k, "retrievers": tuple(cfg.retrievers), "depth": cfg.depth}
     return ds.map_batches(
         CandidateActor, batch_size=cfg.batch_size, batch_format="pyarrow",
@@ -132,6 +128,27 @@ def candidates_dataset(cfg: CandidatesConfig, queries: pa.Table):
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
     )  # fmt: skip
+
+
+def read_labels(path: str) -> pa.Table:
+    """Human labels (qid, docid, label) from a qrels or pairs table, ids as strings (JSONL ids may be numbers:
+    unconverted, no candidate would match them and every label would silently be null), one grade per pair."""
+    table = read_table(path)
+    missing = [c for c in ("qid", "docid", "label") if c not in table.column_names]
+    if missing:
+        raise DataError(f"qrels {path}: no column(s) {missing} (a qrels or pairs table with labels)")
+    table = table.select(["qid", "docid", "label"]).filter(pc.is_valid(table.column("label")))
+    try:
+        table = T.conform(T.QRELS, table, path)
+    except T.SchemaError as e:
+        raise DataError(f"qrels {path}: {e}") from None
+    keys = table.group_by(["qid", "docid"]).aggregate([("label", "min"), ("label", "max")])
+    conflict = keys.filter(pc.not_equal(keys.column("label_min"), keys.column("label_max")))
+    if conflict.num_rows:
+        first = conflict.slice(0, 1).to_pylist()[0]
+        raise DataError(f"qrels {path}: {conflict.num_rows} (qid, docid) pair(s) have two grades, e.g. "
+                        f"({first['qid']}, {first['docid']}): {first['label_min']} and {first['label_max']}")  # fmt: skip
+    return keys.select(["qid", "docid", "label_min"]).rename_columns(["qid", "docid", "label"])
 
 
 def _check_index(cfg: CandidatesConfig) -> None:

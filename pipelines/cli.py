@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         help="LoRA fine-tuning of the judge on Ray Train + DeepSpeed (class-balanced, split by query)",
         description="Sample class-balanced training and validation pairs (disjoint by query), fine-tune a LoRA "
-        "adapter with cross-entropy over the grade tokens on Ray Train workers inside DeepSpeed (ZeRO-2, or "
-        "ZeRO-3 with CPU offload), checkpoint at each evaluation and resume after failures. Writes OUT/adapter, "
+        "adapter with cross-entropy over the grade tokens on Ray Train workers inside DeepSpeed (stage chosen "
+        "from model size and GPU memory: --set deepspeed=auto|zero2|zero3|zero3_offload), checkpoint at each evaluation and resume after failures. Writes OUT/adapter, "
         "OUT/judge_card.json (validation kappa, tuned cut-points) and OUT/config.yaml; then (unless "
         "--set stack=null) stacks the judge with MiniLM cosine and lexical signals fit on the validation queries "
         "(see `judge calibrate`). Example config: configs/judge-dl19.yaml.",

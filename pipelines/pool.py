@@ -50,22 +50,31 @@ def _as_pool(table: pa.Table) -> pa.Table:
     return t.select(POOL_SCHEMA.names).cast(POOL_SCHEMA)
 
 
-def unlabelled_outside(batch: pa.Table, held_out: pa.Array) -> pa.Table:
-    """The batch's pairs with no human label whose query is not held out, as pool rows."""
+def pair_keys(table: pa.Table) -> pa.Array:
+    """One string per (qid, docid), for set membership on two columns."""
+    return pc.binary_join_element_wise(table.column("qid"), table.column("docid"), "\x1f")
+
+
+def unlabelled_outside(batch: pa.Table, held_out: pa.Array, labelled: pa.Array) -> pa.Table:
+    """The batch's pairs with no human label whose query is not held out, as pool rows. A pair the human splits
+    label is left out even where the candidate row lacks its label (candidates made without --qrels): it would
+    otherwise be judged and sit in the rankers' table twice, with two labels."""
     keep = pc.and_(
         pc.is_null(batch.column("label")), pc.invert(pc.is_in(batch.column("qid"), value_set=held_out))
     )
+    keep = pc.and_(keep, pc.invert(pc.is_in(pair_keys(batch), value_set=labelled)))
     return _as_pool(batch.filter(keep))
 
 
-def pool_dataset(cfg: PoolConfig, held_out: pa.Array):
+def pool_dataset(cfg: PoolConfig, held_out: pa.Array, labelled: pa.Array):
     """The lazy Ray Data transform: candidate files -> the unlabelled pairs of queries that are not held out."""
     import ray
 
     files = [str(f) for f in expand_paths(cfg.candidates)]
-    return ray.data.read_parquet(files).map_batches(
-        unlabelled_outside, batch_format="pyarrow", fn_kwargs={"held_out": held_out}, num_cpus=0.5
-    )
+    return ray.data.read_parquet(files, num_cpus=0.1).map_batches(
+        unlabelled_outside, batch_format="pyarrow", fn_kwargs={"held_out": held_out, "labelled": labelled},
+        num_cpus=0.5,
+    )  # fmt: skip
 
 
 def run(cfg: PoolConfig) -> StageResult:
@@ -86,10 +95,11 @@ def run(cfg: PoolConfig) -> StageResult:
             )
         held = assignment.filter(pc.is_in(assignment.column("split"), value_set=pa.array(cfg.hold_out)))
         held_out = held.column("qid").combine_chunks()
+        human = pa.concat_tables([_as_pool(read_table(splits_dir / s / "pairs")) for s in cfg.human_splits])
+        human_t = human.filter(pc.is_valid(human.column("label")))
         init_ray()
-        n_unlabelled = write_dataset(pool_dataset(cfg, held_out), out / "unlabelled")
-        human = [_as_pool(read_table(splits_dir / s / "pairs")) for s in cfg.human_splits]
-        human_t = pa.concat_tables(human).filter(pc.is_valid(pa.concat_tables(human).column("label")))
+        n_unlabelled = write_dataset(pool_dataset(cfg, held_out, pair_keys(human_t).combine_chunks()),
+                                     out / "unlabelled")  # fmt: skip
         write_table(out / "human", human_t)
         qids = set()
         for f in sorted((out / "unlabelled").glob("part-*.parquet")):

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.errors import ConfigError
-from pipelines.stage import StageConfig, code_version
+from pipelines.stage import StageConfig, code_fingerprint, code_version
 
 log = logging.getLogger("augrel")
 
@@ -111,9 +111,16 @@ class PipelineConfig(StageConfig):
             raise ValueError(
                 f"ranker.label_source: {served!r} is served but not in label_sources {self.label_sources}"
             )
-        if self.annotate_split in ("train", "val"):
-            raise ValueError(f"annotate_split: {self.annotate_split!r} trained or calibrated the judge; "
-                             "measure it on a held-out split (test)")  # fmt: skip
+        fractions = self.data.split.get("fractions") or {"train": 0.6, "val": 0.2, "test": 0.2}
+        if self.annotate_split in ("train", "val", "unlabelled") or self.annotate_split not in fractions:
+            held = [k for k in fractions if k not in ("train", "val")]
+            raise ValueError(f"annotate_split: {self.annotate_split!r} must be a held-out split of "
+                             f"data.split.fractions ({held or 'none: add test'}); train and val train and "
+                             "calibrate the judge, unlabelled has no labels to score")  # fmt: skip
+        for need in ("train",) + (() if "val" in self.judge else ("val",)):
+            if not fractions.get(need):
+                raise ValueError(f"data.split.fractions: needs a {need} split (the judge "
+                                 f"{'trains' if need == 'train' else 'selects and calibrates'} on it)")  # fmt: skip
         return self
 
     @property
@@ -129,7 +136,8 @@ SPLITS_USE = {
     "val": "judge checkpoint selection, cut-points and stacking; rankers' human labels; its unlabelled "
     "candidates judged for the rankers",
     "unlabelled": "no human label: its candidates judged for the rankers",
-    "test": "scoring only: the judge's agreement and every ranker's metrics, with human labels",
+    "test": "scoring: the judge's agreement and every ranker's metrics, with human labels; the augmentation "
+    "experiment alone trains on it, in cross-validation folds scored apart (its own table says so)",
 }
 
 
@@ -263,8 +271,9 @@ def _features(pairs: str, dest: str):
 
 
 def _rankers(p, out, resume):
-    """One ranker per label source, all on the same features (the human-labelled pairs of non-test queries and
-    the judged pool beside them) and the same settings: only the labels differ."""
+    """One ranker per label source, on one features table (the human-labelled pairs of train/val queries and the
+    judged pool of unlabelled candidates beside them) with the same settings. The sources use different rows of
+    it: human the labelled pairs, judge the pool, mix and curriculum both."""
     from pipelines.rank import RankTrainConfig
 
     values = {k: v for k, v in p.ranker.items() if k != "label_source"}
@@ -478,6 +487,25 @@ def _run_rankers(cfgs):
     return {c.label_source: _summary(train(c)) for c in cfgs}
 
 
+def _run_annotate_pool(cfgs):
+    """Annotate the pool, after checking that no held-out query trained, selected or calibrated the judge
+    (the wiring could be overridden, e.g. judge.val pointed at the test pairs)."""
+    from pipelines.annotate import run as annotate
+    from pipelines.experiment import judge_label_queries
+    from pipelines.io import read_table
+
+    out = Path(cfgs[0].out).parent
+    pool = json.loads((out / "pool" / "manifest.json").read_text())
+    assignment = read_table(out / "splits" / "splits")
+    held = {q for q, sp in zip(assignment.column("qid").to_pylist(), assignment.column("split").to_pylist(),
+                               strict=True) if sp in pool.get("hold_out", [])}  # fmt: skip
+    seen = set(judge_label_queries(str(out / "judgments"))["queries"]) & held
+    if seen:
+        raise ConfigError(f"judge.train / judge.val: the judge learned from {len(seen)} held-out quer(ies), e.g. "
+                          f"{sorted(seen)[0]}: its labels would train rankers scored on them")  # fmt: skip
+    return _summary(annotate(cfgs[0]))
+
+
 def _run_pool(cfgs):
     from pipelines.pool import run as pool
 
@@ -502,8 +530,8 @@ def stages(p: PipelineConfig) -> list[Stage]:
         Stage("annotate", ("judge", "split"), ("judgments",), _annotate_on(f"splits/{sp}/pairs", "judgments"),
               _run_one("pipelines.annotate:run"), resumable=True),
         Stage("judge_eval", ("annotate", "split"), ("judge-eval",), _judge_eval, _run_one("pipelines.judge:evaluate")),
-        Stage("annotate_pool", ("judge", "pool"), ("judgments-pool",), _annotate_on("pool/unlabelled", "judgments-pool"),
-              _run_one("pipelines.annotate:run"), resumable=True),
+        Stage("annotate_pool", ("judge", "pool", "annotate"), ("judgments-pool",),
+              _annotate_on("pool/unlabelled", "judgments-pool"), _run_annotate_pool, resumable=True),
         Stage("features_train", ("pool", "prepare"), ("features-train",), _features("pool/*/part-*.parquet", "features-train"),
               _run_one("pipelines.rank:features")),
         Stage("features_test", ("split", "prepare"), ("features-test",), _features(f"splits/{sp}/pairs", "features-test"),
@@ -515,8 +543,7 @@ def stages(p: PipelineConfig) -> list[Stage]:
     ]  # fmt: skip
     if p.serve.check:
         out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))
-    upstream = tuple(s.name for s in out if s.name != "serve")
-    out.append(Stage("report", upstream, ("report",), _report, _run_report))
+    out.append(Stage("report", tuple(s.name for s in out), ("report",), _report, _run_report))
     return out
 
 
@@ -582,6 +609,23 @@ def _save_manifest(out: Path, m: dict[str, Any]) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
+def _paths_every_node_sees(p: PipelineConfig) -> None:
+    """On a cluster of several nodes, a relative path resolves in each node's own working directory (under
+    `augrel submit`, a copy of the repository per node): write tasks on other nodes would write elsewhere and
+    rows would be lost. Refuse it, naming the field."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2:
+        return
+    for field, value in (("out", p.out), ("data.src", p.data.src)):
+        if value and not Path(value).is_absolute():
+            raise ConfigError(f"{field}: {value!r} is relative and this Ray cluster has {nodes} nodes, each of which "
+                              "would resolve it in its own working directory; give a path every node mounts")  # fmt: skip
+
+
 @dataclass
 class RunResult:
     out: str
@@ -595,6 +639,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
         echo: Callable[[str], None] = print) -> RunResult:  # fmt: skip
     from pipelines.tracking import Tracker
 
+    _paths_every_node_sees(p)
     out = Path(p.out)
     dag = stages(p)
     names = [s.name for s in dag]
@@ -602,7 +647,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
     m = _load_manifest(out)
-    version = code_version()
+    version = code_fingerprint()
     m.update(name=p.name, dag={s.name: list(s.needs) for s in dag}, order=names,
              config=p.model_dump(mode="json"), splits_use=SPLITS_USE, held_out_split=p.annotate_split)  # fmt: skip
     recs: dict[str, Any] = m.setdefault("stages", {})
@@ -640,7 +685,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
             wall = time.perf_counter() - t0
             recs[st.name] = {**recs[st.name], "status": "done", "output_hash": hasher(out, st.outputs),
                              "wall_s": round(wall, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "result": result, "code_version": version}  # fmt: skip
+                             "result": result, "code_version": version, "git": code_version()}  # fmt: skip
             _save_manifest(out, m)
             tracker.log_stage(st.name, cfgs, result, wall, [out / o for o in st.outputs])
             ran.append(st.name)
@@ -661,11 +706,13 @@ def headline(out: Path) -> list[str]:
         m = json.loads(j.read_text())["metrics"]
         lines.append(f"judge vs human: kappa {m['cohen_kappa']:.3f}, weighted kappa {m['weighted_kappa_quadratic']:.3f}, "
                      f"alpha {m['krippendorff_alpha_ordinal']:.3f}, tau {m['kendall_tau_b_pooled']:.3f}")  # fmt: skip
-    a = out / "judgments" / "manifest.json"
-    if a.exists():
-        m = json.loads(a.read_text())
-        lines.append(f"annotation: {m['counts'].get('judged', 0):,} pairs judged, {m['counts'].get('rejected', 0):,} "
-                     f"rejected, {m.get('steady_pairs_per_s') or m.get('pairs_per_s')} pairs/s")  # fmt: skip
+    for name, what in (("judgments-pool", "the pool (rankers' judge labels)"), ("judgments", "test pairs")):
+        a = out / name / "manifest.json"
+        if a.exists():
+            m = json.loads(a.read_text())
+            lines.append(f"annotation, {what}: {m['counts'].get('judged', 0):,} pairs judged, "
+                         f"{m['counts'].get('rejected', 0):,} rejected, "
+                         f"{m.get('steady_pairs_per_s') or m.get('pairs_per_s')} pairs/s")  # fmt: skip
     r = out / "rank-eval" / "summary.json"
     if r.exists():
         rows = json.loads(r.read_text())["rows"]

@@ -135,6 +135,22 @@ def code_version() -> str:
             return "unknown"
 
 
+#: the packages whose code decides what a stage computes
+CODE_PACKAGES = ("cluster", "pipelines", "models", "retrieval", "eval")
+
+
+def code_fingerprint() -> str:
+    """A hash of the packages' Python files (path and bytes). The same code hashes the same in a checkout, in a
+    Ray job's unpacked working_dir and in an image without .git, where the git commit cannot be read; a commit
+    that changes only docs or tests keeps it."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class StageResult:
     stage: str

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines.errors import DataError
 from pipelines.io import read_table, write_table
+from pipelines.tables import SchemaError
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_bad_input_is_named(ray_session, synth_dataset, bm25_index, tmp_path):
     from pipelines.candidates import CandidatesConfig, run
 
     write_table(tmp_path / "q", pa.table({"qid": ["a"], "text": ["no query column"]}))
-    with pytest.raises(Exception, match="query"):
+    with pytest.raises((DataError, SchemaError), match="query"):
         run(CandidatesConfig(queries=str(tmp_path / "q"), index=str(bm25_index), out=str(tmp_path / "o")))
     with pytest.raises(DataError, match="dense"):
         run(CandidatesConfig(queries=str(synth_dataset / "queries"), index=str(bm25_index), out=str(tmp_path / "o"),

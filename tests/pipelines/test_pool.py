@@ -26,12 +26,18 @@ def _cands(rows):
 
 def test_unlabelled_pairs_of_queries_not_held_out():
     batch = _cands([("a", "d1", None), ("a", "d2", 2), ("t", "d1", None), ("u", "d3", None)])
-    out = unlabelled_outside(batch, pa.array(["t"]))
+    out = unlabelled_outside(batch, pa.array(["t"]), pa.array([], pa.string()))
     assert out.schema == POOL_SCHEMA
     assert list(zip(out.column("qid").to_pylist(), out.column("docid").to_pylist(), strict=True)) == [
         ("a", "d1"),
         ("u", "d3"),
     ]
+
+
+def test_a_pair_the_human_splits_label_is_never_judged():
+    batch = _cands([("a", "d1", None), ("u", "d3", None)])  # candidates made without --qrels: no label
+    out = unlabelled_outside(batch, pa.array([], pa.string()), pa.array(["u\x1fd3"]))
+    assert out.column("docid").to_pylist() == ["d1"]
 
 
 def test_pool_stage_writes_the_pool_and_the_human_pairs(ray_session, tmp_path):

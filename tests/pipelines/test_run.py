@@ -82,6 +82,10 @@ def test_errors_name_the_pipeline_key(tmp_path):
     with pytest.raises(ConfigError, match=r"annotate\.out: set by the pipeline"):
         p = _pipeline(tmp_path, annotate={"out": "elsewhere"})
         [s.configs(p, tmp_path, False) for s in stages(p)]
+    with pytest.raises(ValueError, match="annotate_split"):  # a split that trained the judge measures nothing
+        _pipeline(tmp_path, annotate_split="val")
+    with pytest.raises(ValueError, match="needs a val split"):
+        _pipeline(tmp_path, data={"source": "synth", "split": {"fractions": {"train": 0.7, "test": 0.3}}})
     with pytest.raises(ConfigError, match="--until"):
         run(_pipeline(tmp_path), until="nope", echo=_quiet)
     with pytest.raises(ConfigError, match="data"):
@@ -197,12 +201,11 @@ def test_no_test_query_is_judged_for_the_rankers_or_trains_anything(full_run):
     # the pool holds unlabelled queries' candidates too (the synthetic corpus leaves 30% of queries unjudged)
     unlabelled = set(splits.filter(pc.equal(splits.column("split"), "unlabelled")).column("qid").to_pylist())
     assert unlabelled and unlabelled & judged
-    judge_train = {
-        q
-        for f in ("train", "val")
-        for q in read_table(out / "splits" / f / "pairs").column("qid").to_pylist()
-    }
-    assert not judge_train & test_q
+    # what the judge itself says it learned from (its card's training and validation sources, its calibration)
+    from pipelines.experiment import judge_label_queries
+
+    judge_learned = set(judge_label_queries(str(out / "judgments"))["queries"])
+    assert judge_learned and not judge_learned & test_q
     summary = json.loads((out / "rank-eval" / "summary.json").read_text())
     assert set(summary["rows"]) == {"bm25", "dense", "human", "judge", "mix", "curriculum"}
     scored = set(read_table(out / "rank-eval" / "mix" / "per_query").column("qid").to_pylist())
@@ -215,7 +218,7 @@ def test_a_code_change_reruns_a_stage(full_run, monkeypatch):
     from pipelines import run as run_module
 
     p, _ = full_run
-    monkeypatch.setattr(run_module, "code_version", lambda: "another-commit")
+    monkeypatch.setattr(run_module, "code_fingerprint", lambda: "another-commit")
     r = run(p, until="split", echo=_quiet)
     assert r.ran == [s.name for s in stages(p)][: len(r.ran)] and "split" in r.ran
 
