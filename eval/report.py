@@ -210,7 +210,7 @@ def ranking_section(run: Path) -> str:
             "cosine) rank the same test pairs by one feature. 95% CIs are bootstrap intervals over queries.</p>"
         )
         rows = summary["rows"].values()
-        out.append(_table([[r["name"], r.get("ndcg10"), _ci(r.get("ndcg10_ci95")), r.get("mrr10"), r.get("r100"),
+        out.append(_table([[r["name"], r.get("ndcg10"), _ci(r.get("ndcg10_ci95")), r.get("mrr10"), r.get("recall100"),
                             r.get("ndcg10_vs_bm25", ""), _ci(r.get("ndcg10_vs_bm25_ci95")), r.get("ndcg10_vs_bm25_p", "")]
                            for r in rows],
                           ["ranker", "NDCG@10", "95% CI", "MRR@10", "R@100", "vs BM25", "95% CI", "p (paired t)"]))  # fmt: skip

@@ -388,7 +388,7 @@ def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any
     for name, r in results.items():
         per_query = read_table(out / name / "per_query")
         row: dict[str, Any] = {"name": name, "n_queries": r["n_queries"]}
-        for m in ("ndcg10", "mrr10", "r100"):
+        for m in ("ndcg10", "mrr10", "recall100"):
             if m in per_query.column_names:
                 row[m] = r["mean"][m]
                 row[f"{m}_ci95"] = list(bootstrap_ci(per_query.column(m).to_pylist()))
@@ -410,7 +410,7 @@ def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any
 
     for r in rows.values():
         lines.append(f"| {r['name']} | {r.get('ndcg10', float('nan')):.4f} | {ci(r.get('ndcg10_ci95'))} | "
-                     f"{r.get('mrr10', float('nan')):.4f} | {r.get('r100', float('nan')):.4f} | "
+                     f"{r.get('mrr10', float('nan')):.4f} | {r.get('recall100', float('nan')):.4f} | "
                      + (f"{r['ndcg10_vs_bm25']:+.4f} | {ci(r['ndcg10_vs_bm25_ci95'])} | {r['ndcg10_vs_bm25_p']:.3g} |"
                         if "ndcg10_vs_bm25" in r else " | | |"))  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
