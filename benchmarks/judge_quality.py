@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from eval.agreement import agreement, grades_from_cutpoints, tune_cutpoints  # noqa: E402
 from models.cross_encoder import CrossEncoderGrader  # noqa: E402
-from models.encoder import MeanPoolEncoder  # noqa: E402
+from models.encoder import BiEncoder  # noqa: E402
 from models.judge_card import load_judge  # noqa: E402
 from models.judge_ensemble import GradeCombiner, fit_stacked, pair_signals  # noqa: E402
 from models.loading import cpu_description  # noqa: E402
@@ -81,11 +81,19 @@ class _MemoEncoder:
     def __init__(self, encoder):
         self.encoder, self.vectors = encoder, {}
 
-    def encode(self, texts):
-        new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+    def _memo(self, texts, kind):
+        new = [t for t in dict.fromkeys(texts) if (kind, t) not in self.vectors]
         if new:
-            self.vectors.update(zip(new, self.encoder.encode(new), strict=True))
-        return np.stack([self.vectors[t] for t in texts])
+            self.vectors.update(
+                zip([(kind, t) for t in new], self.encoder.encode_texts(new, kind), strict=True)
+            )
+        return np.stack([self.vectors[kind, t] for t in texts])
+
+    def encode_queries(self, texts):
+        return self._memo(texts, "query")
+
+    def encode_passages(self, texts):
+        return self._memo(texts, "passage")
 
 
 def main() -> None:
@@ -137,7 +145,7 @@ def main() -> None:
 
     tq, tt, th, tqid = cols(test)
     cq, ct, ch, cqid = cols(calib)
-    encoder = _MemoEncoder(MeanPoolEncoder(dtype=stack.encoder_dtype))
+    encoder = _MemoEncoder(BiEncoder(dtype=stack.encoder_dtype))
     rows = []
 
     def stacked(name: str, calib_llm, test_llm, use=tuple(stack.signals)):

@@ -60,7 +60,7 @@ def build_inputs(n_queries: int | None) -> tuple[Path, list[dict]]:
     """Index + ranker over DL19 (the first ``n_queries`` queries' passages), and one request body per query."""
     import pyarrow.compute as pc
 
-    from models.encoder import MeanPoolEncoder
+    from models.encoder import BiEncoder
     from models.features import PairFeaturizer
     from models.ranker import LambdaMARTRanker, RankerParams
     from pipelines.data import PrepareConfig, prepare
@@ -87,7 +87,7 @@ def build_inputs(n_queries: int | None) -> tuple[Path, list[dict]]:
             IndexConfig(docs=str(root / "docs"), out=str(root / "index"), concurrency=1, num_cpus_per_actor=2)
         )
     if not (root / "ranker" / "ranker.json").exists():
-        featurize = PairFeaturizer(BM25Index.load(root / "index" / "bm25"), MeanPoolEncoder())
+        featurize = PairFeaturizer(BM25Index.load(root / "index" / "bm25"), BiEncoder())
         vecs = DocVectors.load(root / "index" / "dense")
         docids = pairs.column("docid").to_pylist()
         feats = featurize(pairs.column("query").to_pylist(), pairs.column("text").to_pylist(), docids=docids,

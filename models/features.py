@@ -68,7 +68,8 @@ class PairFeaturizer:
 
     Args:
         index: a ``retrieval.bm25.BM25Index`` over the corpus (``score_pairs`` by docid, ``score_texts`` by text).
-        encoder: anything with ``encode(texts) -> (n, dim)`` unit vectors (``models.encoder.MeanPoolEncoder``).
+        encoder: anything with ``encode_queries(texts)`` and ``encode_passages(texts) -> (n, dim)`` unit vectors
+            (``models.encoder.BiEncoder``: queries and passages may take different prefixes and lengths).
         query_cache: queries whose embeddings are kept (a batch table repeats each query many times).
     """
 
@@ -81,10 +82,15 @@ class PairFeaturizer:
         self._cache_lock = threading.Lock()
         self._encode_lock = threading.Lock()
 
-    def encode(self, texts: Sequence[str | None]) -> np.ndarray:
-        """The encoder's vectors, one caller at a time."""
+    def encode_queries(self, texts: Sequence[str | None]) -> np.ndarray:
+        """The encoder's query vectors, one caller at a time."""
         with self._encode_lock:
-            return self.encoder.encode(texts)
+            return self.encoder.encode_queries(texts)
+
+    def encode_passages(self, texts: Sequence[str | None]) -> np.ndarray:
+        """The encoder's passage vectors, one caller at a time."""
+        with self._encode_lock:
+            return self.encoder.encode_passages(texts)
 
     def _query_vectors(self, queries: Sequence[str]) -> np.ndarray:
         distinct = list(dict.fromkeys(queries))
@@ -94,7 +100,9 @@ class PairFeaturizer:
                 self._query_vec.move_to_end(q)
         new = [q for q in distinct if q not in batch]
         if new:
-            batch.update(zip(new, self.encode(new), strict=True))  # outside the cache lock: encoding is slow
+            batch.update(
+                zip(new, self.encode_queries(new), strict=True)
+            )  # outside the cache lock: encoding is slow
             with self._cache_lock:
                 self._query_vec.update((q, batch[q]) for q in new)
                 while len(self._query_vec) > self.query_cache:
@@ -118,7 +126,7 @@ class PairFeaturizer:
             else:
                 s, r = self.index.score_texts(q, [texts[i] for i in idx])
             bm25[idx], rank[idx] = s, r
-        dvec = self.encode(texts) if doc_vectors is None else np.asarray(doc_vectors, np.float32)
+        dvec = self.encode_passages(texts) if doc_vectors is None else np.asarray(doc_vectors, np.float32)
         qvec = self._query_vectors(queries) if n else dvec
         return {"bm25": bm25, "bm25_rank": np.log2(rank.astype(np.float32)),
                 "dense_cos": (qvec * dvec).sum(1).astype(np.float32),

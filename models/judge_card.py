@@ -89,9 +89,9 @@ class LoadedJudge:
         combiner = GradeCombiner.load(self.path / self.card.combiner)
         encoder = None
         if combiner.needs_encoder:
-            from models.encoder import MeanPoolEncoder
+            from models.encoder import BiEncoder
 
-            encoder = MeanPoolEncoder(combiner.encoder, dtype=combiner.encoder_dtype, device=self.lm.device)
+            encoder = BiEncoder(combiner.encoder, dtype=combiner.encoder_dtype, device=self.lm.device)
         return EnsembleScorer(llm, combiner, encoder)
 
 

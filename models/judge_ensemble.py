@@ -56,7 +56,7 @@ def pair_signals(
     signals: Sequence[str] = SIGNALS,
 ) -> dict[str, np.ndarray]:
     """Signal name -> (n,) float64 for parallel pairs, from the LLM's scores and (for ``dense_cos``) ``encoder``:
-    anything with ``encode(texts) -> (n, dim)`` unit vectors. Queries are encoded once each."""
+    anything with ``encode_queries`` / ``encode_passages(texts) -> (n, dim)`` unit vectors. Queries are encoded once each."""
     out: dict[str, np.ndarray] = {}
     if "llm_logp" in signals:
         logp = np.log(np.clip(llm.probs.astype(np.float64), 1e-12, 1.0))
@@ -67,8 +67,8 @@ def pair_signals(
         if encoder is None:
             raise ValueError("signal 'dense_cos' needs an encoder")
         uniq = list(dict.fromkeys(queries))
-        qvec = dict(zip(uniq, encoder.encode(uniq), strict=True))
-        dvec = encoder.encode(list(texts))
+        qvec = dict(zip(uniq, encoder.encode_queries(uniq), strict=True))
+        dvec = encoder.encode_passages(list(texts))
         out["dense_cos"] = np.einsum("ij,ij->i", np.stack([qvec[q] for q in queries]), dvec).astype(
             np.float64
         )

@@ -120,9 +120,9 @@ def fit_stack(
     llm = j.llm_scorer(s.batch_size).score(pairs["query"], pairs["text"], pairs["title"], pairs["url"])
     encoder = None
     if "dense_cos" in s.signals:
-        from models.encoder import MeanPoolEncoder
+        from models.encoder import BiEncoder
 
-        encoder = MeanPoolEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
+        encoder = BiEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
     sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
     human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
     combiner, path = fit_stacked(sig, human, qids, grades, s.signals, **s.selection(), encoder=s.encoder,

@@ -56,14 +56,14 @@ class EncodeActor:
         import ray
         import torch
 
-        from models.encoder import MeanPoolEncoder
+        from models.encoder import BiEncoder
 
         torch.set_num_threads(threads)
-        self.encoder = MeanPoolEncoder(encoder, device=device)
+        self.encoder = BiEncoder(encoder, device=device)
         self.actor_id = ray.get_runtime_context().get_actor_id() or ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vecs = self.encoder.encode(batch.column("text").to_pylist())
+        vecs = self.encoder.encode_passages(batch.column("text").to_pylist())
         flat = pa.array(vecs.reshape(-1), pa.float32())
         return pa.table({"docid": batch.column("docid"),
                          "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1]),

@@ -94,12 +94,12 @@ class FeatureActor:
 
         import torch
 
-        from models.encoder import MeanPoolEncoder
+        from models.encoder import BiEncoder
         from models.features import PairFeaturizer
         from retrieval.bm25 import BM25Index
 
         torch.set_num_threads(threads)
-        self.featurize = PairFeaturizer(BM25Index.load(index_dir), MeanPoolEncoder(encoder, device=device))
+        self.featurize = PairFeaturizer(BM25Index.load(index_dir), BiEncoder(encoder, device=device))
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

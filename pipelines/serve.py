@@ -186,7 +186,7 @@ class RankService:
     def __init__(self, cfg: ServeConfig):
         import torch
 
-        from models.encoder import MeanPoolEncoder
+        from models.encoder import BiEncoder
         from models.features import JUDGE_FEATURE, PairFeaturizer
         from models.ranker import LambdaMARTRanker
         from pipelines.stage import read_manifest
@@ -227,14 +227,14 @@ class RankService:
                 faiss_device = cfg.device if device == "cuda" else "cpu"
                 self.dense = DenseIndex.load(index / "dense", device=faiss_device)
                 encoder = encoder or self.dense.params.encoder
-        self.featurize = PairFeaturizer(self.bm25, MeanPoolEncoder(encoder, device=device))
+        self.featurize = PairFeaturizer(self.bm25, BiEncoder(encoder, device=device))
         self.encoder = self.featurize.encoder
         self.retriever, self.first_stage_k = cfg.retriever, cfg.first_stage_k
         self.n_docs = len(self.store)
 
     def retrieve(self, query: str, k: int) -> list[str]:
         if self.dense is not None:
-            (hits,) = self.dense.search(self.featurize.encode([query]), k)
+            (hits,) = self.dense.search(self.featurize.encode_queries([query]), k)
         else:
             (hits,) = self.bm25.search([query], k)
         return [d for d, _ in hits]
@@ -272,7 +272,7 @@ class RankService:
         if known:
             dvec[known] = self._vectors(rows[known], [docids[i] for i in known])
         if new:
-            dvec[new] = self.featurize.encode([texts[i] for i in new])
+            dvec[new] = self.featurize.encode_passages([texts[i] for i in new])
         return docids, texts, titles, dvec
 
     def rank(self, query: str, k: int, candidates: list[dict[str, Any]] | None = None) -> dict[str, Any]:

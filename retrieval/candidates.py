@@ -99,7 +99,7 @@ class CandidateGenerator:
                 raise FileNotFoundError(f"{index_dir}/bm25: no BM25 index (run `augrel index build`)")
             self.bm25 = BM25Index.load(index_dir / "bm25")
         if "dense" in params.retrievers:
-            from models.encoder import MeanPoolEncoder
+            from models.encoder import BiEncoder
             from retrieval.dense import DenseIndex
 
             if not (index_dir / "dense").is_dir():
@@ -107,7 +107,7 @@ class CandidateGenerator:
                     f"{index_dir}/dense: no dense index (build the index with dense: true, or use retrievers: [bm25])"
                 )
             self.dense = DenseIndex.load(index_dir / "dense", device="cpu" if device == "cpu" else "auto")
-            self.encoder = MeanPoolEncoder(self.dense.params.encoder, device=device)
+            self.encoder = BiEncoder(self.dense.params.encoder, device=device)
             if self.encoder.dim != self.dense.dim:
                 raise ValueError(
                     f"encoder {self.dense.params.encoder or 'MiniLM'} makes {self.encoder.dim}-d vectors, "
@@ -123,7 +123,7 @@ class CandidateGenerator:
         if self.bm25 is not None:
             runs["bm25"] = self.bm25.search(list(queries), k=depth)
         if self.dense is not None:
-            runs["dense"] = self.dense.search(self.encoder.encode(list(queries)), k=depth)
+            runs["dense"] = self.dense.search(self.encoder.encode_queries(list(queries)), k=depth)
         fused = fuse(runs, self.params.k, self.params.rrf_k)
         cols: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
         for qid, hits in zip(qids, fused, strict=True):

@@ -92,7 +92,7 @@ def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
 
 def build_tiny_encoder(out: Path, seed: int = 0) -> Path:
     """A tiny random BERT sentence encoder (16-d) with a word-level tokenizer, saved like a hub checkpoint:
-    what `models.encoder.MeanPoolEncoder` loads in place of MiniLM where a test needs speed, not meaning."""
+    what `models.encoder.BiEncoder` loads in place of MiniLM where a test needs speed, not meaning."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast

@@ -26,9 +26,9 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def encoder(tiny_causal_lm):
-    from models.encoder import MeanPoolEncoder
+    from models.encoder import BiEncoder
 
-    return MeanPoolEncoder(str(tiny_causal_lm))
+    return BiEncoder(str(tiny_causal_lm))
 
 
 class OneAtATime:
@@ -39,13 +39,19 @@ class OneAtATime:
         self.encoder, self.inside, self.most_inside = encoder, 0, 0
         self._count = threading.Lock()
 
-    def encode(self, texts):
+    def encode_queries(self, texts):
+        return self._inside(self.encoder.encode_queries, texts)
+
+    def encode_passages(self, texts):
+        return self._inside(self.encoder.encode_passages, texts)
+
+    def _inside(self, encode, texts):
         with self._count:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
         try:
             time.sleep(0.002)
-            return self.encoder.encode(texts)
+            return encode(texts)
         finally:
             with self._count:
                 self.inside -= 1
@@ -58,8 +64,8 @@ def test_query_cache_under_threads_returns_each_querys_own_vector(corpus, encode
     guarded = OneAtATime(encoder)
     featurize = PairFeaturizer(BM25Index.build(docids, texts), guarded, query_cache=4)
     queries = [" ".join(random.Random(i).choices(WORDS, k=3)) for i in range(24)]
-    reference = dict(zip(queries, encoder.encode(queries), strict=True))
-    doc_vec = encoder.encode(texts[:3])
+    reference = dict(zip(queries, encoder.encode_queries(queries), strict=True))
+    doc_vec = encoder.encode_passages(texts[:3])
 
     def hammer(seed: int) -> int:
         rng = random.Random(seed)

@@ -107,6 +107,8 @@ class _BagEncoder:
         n = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(n == 0, 1, n)
 
+    encode_queries = encode_passages = encode
+
 
 def test_ensemble_scorer_wraps_a_real_tiny_lm(tiny_causal_lm):
     lm = load_causal_lm(str(tiny_causal_lm), dtype="fp32", device="cpu")

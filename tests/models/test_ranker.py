@@ -68,7 +68,7 @@ def test_query_vector_cache_overflow_keeps_the_batch_queries():
         def __init__(self):
             self.calls: list[list[str]] = []
 
-        def encode(self, texts):
+        def encode_queries(self, texts):
             self.calls.append(list(texts))
             return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
 

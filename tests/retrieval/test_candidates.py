@@ -63,14 +63,14 @@ def test_labels_attach_where_known():
 
 
 def test_dense_and_fused_candidates_use_the_index_encoder(tmp_path):
-    from models.encoder import MeanPoolEncoder
+    from models.encoder import BiEncoder
     from retrieval.bm25 import BM25Index
     from retrieval.dense import DenseIndex
 
     docids = ["d1", "d2", "d3"]
     texts = ["the river flows north through the town", "a company and its ceo", "a species that eats fish"]
     BM25Index.build(docids, texts).save(tmp_path / "bm25")
-    DenseIndex.build(docids, MeanPoolEncoder().encode(texts)).save(tmp_path / "dense")
+    DenseIndex.build(docids, BiEncoder().encode(texts)).save(tmp_path / "dense")
     dense = CandidateGenerator(tmp_path, CandidateParams(k=1, retrievers=("dense",)))
     assert dense(["q"], ["which animal eats fish"]).column("docid").to_pylist() == ["d3"]
     both = CandidateGenerator(tmp_path, CandidateParams(k=3, retrievers=("bm25", "dense")))
