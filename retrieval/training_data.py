@@ -295,8 +295,8 @@ class GroupSet:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([self.group_size, self.seed]).encode())
         for q in self.qids:
-            h.update(json.dumps([q, self.queries[q], self.positives[q], self.pools[q]]).encode())
-        h.update(json.dumps(sorted(sorted(b) for b in self.blocked.values())).encode())
+            parts = [q, self.queries[q], self.positives[q], self.pools[q], sorted(self.blocked[q])]
+            h.update(json.dumps(parts).encode())
         return h.hexdigest()
 
 
@@ -396,7 +396,8 @@ def build_groups(
         need = group_size - len(used[q])
         if len(pools[q]) >= need:
             continue
-        eligible = len(pools[q]) + len(fill_set - blocked[q] - set(pools[q]))
+        # the pool is part of the fill and shares nothing with blocked: count without copying the fill
+        eligible = len(fill_set) - sum(1 for d in blocked[q] if d in fill_set)
         if eligible == 0:
             no_negative.append(q)
             continue

@@ -222,3 +222,31 @@ def test_two_gathered_workers_equal_one_process_on_the_concatenated_batch(tmp_pa
     assert "rank(s) [1]" in ranks[0]["errors"][0]
     for r in ranks:
         assert "disagree on (B, G, D): [(2, 3, 4), (2, 2, 4)]" in r["errors"][1]
+
+
+def test_scores_stay_float32_under_bf16_autocast():
+    torch.manual_seed(2)
+    q, p = torch.randn(8, 64), torch.randn(8 * 4, 64)
+    mask = torch.rand(8, 4) < 0.5
+    mask[:, 0] = True
+    expected = SumMargLHLoss()(q.double(), p.double(), mask).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SumMargLHLoss()(q, p, mask)
+    # bf16 dot products of these 64-d vectors give 12.2707 instead of 12.2493
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_losses_on_gpu_under_bf16_autocast_score_in_float32():
+    torch.manual_seed(2)
+    q, p = torch.randn(8, 64), torch.randn(8 * 4, 64)
+    mask = torch.rand(8, 4) < 0.5
+    mask[:, 0] = True
+    expected = SumMargLHLoss()(q.double(), p.double(), mask)
+    q_gpu, p_gpu = q.cuda().requires_grad_(), p.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = SumMargLHLoss()(q_gpu, p_gpu, mask.cuda())
+    # bf16 dot products of 64-d vectors would be off by about 1e-1
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    loss.backward()
+    assert torch.isfinite(p_gpu.grad).all()
