@@ -349,10 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
         "build", formatter_class=_Formatter, help="docs -> BM25 + FAISS index directory (what augrel serve loads)",
         description="Copy the docs (docid, text, title) into OUT/docs, build a BM25 index (bm25s, stemmed) in "
         "OUT/bm25 and, unless --set dense=false, a FAISS index of MiniLM document vectors in OUT/dense (vectors "
-        "computed on a Ray Data actor pool; --set kind=flat|ivf|hnsw; --set num_gpus_per_actor=1 on GPUs).",
+        "computed on a Ray Data actor pool and written to disk as they arrive; --set kind=flat|ivf|hnsw|ivfpq, ivfpq: "
+        "pq_m, refine; --set num_gpus_per_actor=1 on GPUs).",
     )  # fmt: skip
     p.add_argument("--docs", help="docs table")
     p.add_argument("--out", help="index directory")
+    _add_config_args(p)
+    p = isub.add_parser(
+        "search", formatter_class=_Formatter, help="queries -> run table (qid, docid, score, rank) from an index",
+        description="Retrieve the top --k documents of every query from an index built by `augrel index build`: "
+        "dense (the default when the index has one: queries are encoded by the encoder the index was built "
+        "with, an error names both sizes if it no longer matches the index) or BM25 (--set retriever=bm25). "
+        "Queries are sharded over a Ray Data actor pool that loads the index once per actor (--set "
+        "concurrency=[1,4], num_gpus_per_actor=1 for FAISS and the encoder on GPUs). Writes a run table to "
+        "OUT; bad query rows go to OUT/rejected/.",
+    )  # fmt: skip
+    p.add_argument("--index", help="index directory (augrel index build)")
+    p.add_argument("--queries", help="queries table (qid, query)")
+    p.add_argument("--k", type=int, help="documents per query (default 100)")
+    p.add_argument("--out", help="output directory: the run table")
     _add_config_args(p)
 
     # ----------------------------------------------------------------- serve
@@ -668,6 +683,15 @@ def _cmd_index(a: argparse.Namespace) -> int:
     from pipelines.index import IndexConfig, build
     from pipelines.stage import load_config
 
+    if a.index_command == "search":
+        from cluster.embedded import init_ray
+        from pipelines.index import IndexSearchConfig, search
+
+        cfg = load_config(IndexSearchConfig, a.config, a.overrides, index=a.index, queries=a.queries, k=a.k,
+                          out=a.out)  # fmt: skip
+        init_ray(a.address, quiet=not a.verbose)
+        print(search(cfg).summary())
+        return 0
     cfg = load_config(IndexConfig, a.config, a.overrides, docs=a.docs, out=a.out)
     if cfg.dense:
         from cluster.embedded import init_ray

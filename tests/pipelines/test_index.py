@@ -66,3 +66,73 @@ def test_dense_build_spreads_documents_over_every_encoder_actor(ray_session, tin
     vecs = DocVectors.load(tmp_path / "index" / "dense")
     (hits,) = index.search(vecs.get(["d5"]), k=1)
     assert hits[0][0] == "d5" and vecs.vectors.shape == (n, 32)
+
+
+def test_build_refuses_an_empty_corpus(tmp_path):
+    import pytest
+
+    from pipelines.errors import DataError
+    from pipelines.index import IndexConfig, build
+
+    write_table(tmp_path / "docs", pa.table({"docid": [" ", ""], "text": ["no id", "no id either"]}))
+    with pytest.raises(DataError, match=r"no usable documents \(2 rejected\)"):
+        build(IndexConfig(docs=str(tmp_path / "docs"), out=str(tmp_path / "index"), dense=False))
+
+
+WORDS = ["river", "town", "company", "species", "population", "founded", "lives", "eats"]  # the tiny vocab
+
+
+def _tiny_corpus(n: int) -> pa.Table:
+    texts = [f"the {WORDS[i % 8]} of {WORDS[(i // 8) % 8]} {WORDS[i // 64]} was founded" for i in range(n)]
+    return pa.table({"docid": [f"d{i}" for i in range(n)], "text": texts})
+
+
+def test_index_search_writes_a_run_table_and_names_an_encoder_of_another_size(
+    ray_session, tiny_encoder, tmp_path
+):
+    """An IVF-PQ index built from the streamed encoder batches, searched by `augrel index search` (dense: the
+    default when the index has one): a query that is a document's text finds that document first, re-ranked by
+    the exact cosine (1.0)."""
+    import json
+
+    import pyarrow.parquet as pq
+    import pytest
+
+    from pipelines import tables as T
+    from pipelines.cli import main
+    from pipelines.errors import DataError
+    from pipelines.index import IndexSearchConfig, search
+
+    docs = _tiny_corpus(300)
+    write_table(tmp_path / "docs", docs)
+    index = tmp_path / "index"
+    assert main(["index", "build", "--docs", str(tmp_path / "docs"), "--out", str(index), "--set", "kind=ivfpq",
+                 "--set", "pq_m=4", "--set", f"encoder={tiny_encoder}", "--set", "batch_size=64",
+                 "--set", "num_cpus_per_actor=0.5"]) == 0  # fmt: skip
+    assert not (index / "dense.partial").exists() and (index / "dense" / "vectors.npy").exists()
+    qids, picks = ["q1", "q2", "q3"], [5, 123, 299]
+    write_table(tmp_path / "queries", pa.table({"qid": qids, "query": docs.column("text").take(picks)}))
+    assert main(["index", "search", "--index", str(index), "--queries", str(tmp_path / "queries"), "--k", "5",
+                 "--out", str(tmp_path / "run"), "--set", "num_cpus_per_actor=0.5"]) == 0  # fmt: skip
+    run = pq.read_table(sorted((tmp_path / "run").glob("part-*.parquet"))).sort_by(
+        [("qid", "ascending"), ("rank", "ascending")]
+    )
+    T.conform(T.RUN, run, "run")
+    assert run.schema == T.RUN.schema() and run.num_rows == 15
+    assert run.column("rank").to_pylist() == [1, 2, 3, 4, 5] * 3
+    top = run.filter(pa.compute.equal(run.column("rank"), 1))
+    assert top.column("docid").to_pylist() == [f"d{p}" for p in picks]
+    assert all(abs(s - 1.0) < 1e-4 for s in top.column("score").to_pylist())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["retriever"] == "dense" and manifest["counts"]["rows"] == 15
+
+    # the encoder the index names has been replaced by one of another size: the search names both
+    meta = json.loads((index / "dense" / "dense.json").read_text())
+    meta["encoder"] = str(tmp_path / "other-encoder")
+    from tests.helpers import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tmp_path / "other-encoder")
+    (index / "dense" / "dense.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"makes 32-d vectors, but the dense index at .* holds 16-d"):
+        search(IndexSearchConfig(index=str(index), queries=str(tmp_path / "queries"), out=str(tmp_path / "bad"),
+                                 num_cpus_per_actor=0.5))  # fmt: skip
