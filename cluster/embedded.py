@@ -75,6 +75,11 @@ def init_ray(
             include_dashboard=dashboard,
             configure_logging=True,
         )
+        if not dashboard:
+            # Without the dashboard there is no State API: Ray Train's placement-group cleaner (a safety net for a
+            # controller that dies, which an embedded Ray takes down with the driver anyway) would log that it
+            # cannot query it once a second for the whole fine-tune. Every worker drops that one warning.
+            kwargs["runtime_env"] = {"worker_process_setup_hook": _quiet_placement_group_cleaner}
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
         log.info(
@@ -87,6 +92,12 @@ def init_ray(
         log.info("joining Ray cluster at %s", address)
     ray.init(**kwargs)
     return _describe(ray, log_path)
+
+
+def _quiet_placement_group_cleaner() -> None:
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
 
 
 def _describe(ray: Any, log_path: Path) -> dict[str, Any]:

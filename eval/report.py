@@ -246,10 +246,39 @@ def serving_section(run: Path) -> str:
     if idx:
         out.append(f"<p>Index: {idx['counts'].get('docs', 0):,} documents, BM25"
                    f"{' + FAISS ' + str(idx.get('kind')) + ' (' + str(idx.get('dim')) + '-d MiniLM)' if idx.get('dense') else ''}.</p>")  # fmt: skip
+    out.append(retriever_section(run))
     check = _json(run / "serve" / "check.json")
     if check:
         out.append(f"<p>Ray Serve check: {html.escape(json.dumps(check))}</p>")
     return "".join(out) or _missing("Indexing and serving")
+
+
+def retriever_section(run: Path) -> str:
+    """The fine-tuned bi-encoder: what it trained on (its card) and full-corpus retrieval of the test queries."""
+    card = _json(run / "retriever" / "retriever_card.json")
+    summary = _json(run / "retriever-eval" / "summary.json")
+    if not card and not summary:
+        return ""
+    out = ["<h3>Dense retriever</h3>"]
+    if card:
+        phases = ", ".join(f"{p['name']}: {p.get('queries_used', p.get('queries', '?'))} queries"
+                           for p in card.get("data", {}).get("phases", []))  # fmt: skip
+        out.append(f"<p>{html.escape(str(card.get('base_model')))} fine-tuned with {html.escape(str(card.get('loss')))} "
+                   f"(temperature {card.get('temperature')}) on {html.escape(card.get('label_source') or '?')} labels "
+                   f"({html.escape(phases)}); validation nDCG@10 {card.get('metrics', {}).get('val_ndcg10', float('nan')):.4f} "
+                   f"on {len(card.get('data', {}).get('validation_queries', []))} val queries "
+                   f"({html.escape(card.get('data', {}).get('validation', ''))}).</p>")  # fmt: skip
+    if summary:
+        table = run / "retriever-eval" / "table.md"
+        if table.exists():
+            out.append(f"<p>{html.escape(table.read_text().splitlines()[0])}</p>")
+        out.append(_table([[r["name"], r.get("ndcg10"), _ci(r.get("ndcg10_ci95")), r.get("mrr10"), r.get("recall100"),
+                            r.get("ndcg10_vs_bm25", ""), _ci(r.get("ndcg10_vs_bm25_ci95"))]
+                           for r in summary["rows"].values()],
+                          ["retriever", "NDCG@10", "95% CI", "MRR@10", "R@100", "vs BM25", "95% CI"]))  # fmt: skip
+        if (run / "retriever-eval" / "ndcg10.png").exists():
+            out.append(_img(run / "retriever-eval" / "ndcg10.png", "full-corpus NDCG@10 per retriever"))
+    return "".join(out)
 
 
 def configs_section(run: Path) -> str:

@@ -340,6 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory")
     _add_config_args(p)
 
+    # ----------------------------------------------------------------- retriever
+    rt = sub.add_parser(
+        "retriever", help="fine-tune a dense bi-encoder on human / judge / utility labels", formatter_class=_Formatter
+    )
+    rsub2 = rt.add_subparsers(dest="retriever_command", metavar="ACTION", required=True)
+    p = rsub2.add_parser(
+        "train", formatter_class=_Formatter,
+        help="SumMargLH (or InfoNCE / Rand1LH / JointLH) fine-tuning of a bi-encoder on Ray Train",
+        description="Per query a group of its positives (labels.source: human, judge, utility, mix, or "
+        "curriculum = LLM labels then one epoch on a fraction of human labels) and hard negatives sampled each "
+        "epoch from the index's BM25 (or dense: --set negatives=dense) top-k; in-batch and cross-worker negatives; "
+        "DDP over Ray Train workers (gloo on CPU, NCCL + bf16 autocast with --set use_gpu=true; --set "
+        "deepspeed=zero2 for larger backbones); validation nDCG@10 / R@100 on held-out queries every eval_every "
+        "steps; checkpoints resume a cut-off run. OUT is a sentence-transformers directory with "
+        "retriever_card.json: pass it as `encoder:` to index build, rank features, serve or the judge stack. "
+        "Example config: configs/retriever-dl19.yaml.",
+    )  # fmt: skip
+    p.add_argument("--index", help="index directory (augrel index build): passage texts and negatives")
+    p.add_argument("--queries", action="append", help="queries table (repeatable)")
+    p.add_argument("--out", help="output encoder directory")
+    p.add_argument("--base-model", help="encoder hub id or path (default: the packaged all-MiniLM-L6-v2)")
+    _add_config_args(p)
+
     # ----------------------------------------------------------------- index
     ix = sub.add_parser(
         "index", help="retrieval indexes over a docs table (BM25, FAISS)", formatter_class=_Formatter
@@ -679,6 +702,22 @@ def _cmd_candidates(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retriever(a: argparse.Namespace) -> int:
+    from cluster.embedded import init_ray
+    from pipelines.stage import load_config
+    from pipelines.train_retriever import RetrieverTrainConfig, train
+
+    cfg = load_config(RetrieverTrainConfig, a.config, a.overrides, index=a.index, queries=a.queries, out=a.out,
+                      base_model=a.base_model)  # fmt: skip
+    init_ray(a.address, quiet=False)  # the workers' lines (one per evaluation) are the progress bar
+    r = train(cfg)
+    m = r.extra["metrics"]
+    print(r.summary())
+    print(f"best checkpoint: step {m.get('step')}, validation nDCG@10 {m.get('val_ndcg10', float('nan')):.4f}, "
+          f"R@100 {m.get('val_recall100', float('nan')):.4f}; encoder in {cfg.out}")  # fmt: skip
+    return 0
+
+
 def _cmd_index(a: argparse.Namespace) -> int:
     from pipelines.index import IndexConfig, build
     from pipelines.stage import load_config
@@ -786,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _cmd_rank,
         "experiment": _cmd_experiment,
         "index": _cmd_index,
+        "retriever": _cmd_retriever,
         "candidates": _cmd_candidates,
         "run": _cmd_run,
         "serve": _cmd_serve,

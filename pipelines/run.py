@@ -8,6 +8,9 @@
           -> annotate_pool (pool: unlabelled candidates of train/val/unlabelled queries)
     pool, annotate_pool -> features_train -> rankers (human / judge / mix / curriculum labels)
     split -> features_test -> rank_eval (every ranker, BM25 and dense baselines, test queries' human labels)
+    split, index, annotate_pool -> retriever (bi-encoder fine-tuned on train human + pool judge labels, validated
+          on val) -> retriever_index (the corpus re-encoded) -> retriever_eval (full-corpus retrieval of the test
+          queries: BM25, the base encoder, the fine-tuned one)
     features_test, annotate -> augment (cross-validated over the test queries, judge out of sample)
     index, rankers, judge -> serve; every stage -> report
 
@@ -97,6 +100,11 @@ class PipelineConfig(StageConfig):
     )
     augment: dict[str, Any] = Field(default_factory=dict, description="augrel experiment augment settings")
     index: dict[str, Any] = Field(default_factory=dict, description="augrel index build settings")
+    retriever: dict[str, Any] | None = Field(
+        default_factory=dict,
+        description="augrel retriever train settings (default labels: human positives of the train split's "
+        "queries, judge positives of the pool's other queries); null: no retriever stages",
+    )
     serve: ServeSection = ServeSection()
     tracking: TrackingSection = TrackingSection()
 
@@ -132,12 +140,14 @@ class PipelineConfig(StageConfig):
 
 #: how ``augrel run`` uses each split, recorded in pipeline.json and the report
 SPLITS_USE = {
-    "train": "judge fine-tuning; rankers' human labels; its unlabelled candidates judged for the rankers",
+    "train": "judge fine-tuning; rankers' and the retriever's human labels; its unlabelled candidates judged for "
+    "the rankers and the retriever",
     "val": "judge checkpoint selection, cut-points and stacking; rankers' human labels; its unlabelled "
-    "candidates judged for the rankers",
-    "unlabelled": "no human label: its candidates judged for the rankers",
-    "test": "scoring: the judge's agreement and every ranker's metrics, with human labels; the augmentation "
-    "experiment alone trains on it, in cross-validation folds scored apart (its own table says so)",
+    "candidates judged for the rankers; the retriever's validation (it never trains on these queries)",
+    "unlabelled": "no human label: its candidates judged for the rankers and the retriever",
+    "test": "scoring: the judge's agreement, every ranker's metrics and the retrievers' full-corpus metrics, with "
+    "human labels; the augmentation experiment alone trains on it, in cross-validation folds scored apart (its "
+    "own table says so)",
 }
 
 
@@ -303,6 +313,79 @@ def _rank_eval(p, out, resume):
 BASELINES = {"bm25": "bm25", "dense": "dense_cos"}
 
 
+def _retriever(p, out, resume):
+    """The bi-encoder on the same labels as the rankers: human positives of the train split, judge positives of
+    the judged pool of the other non-held-out queries (labels.source mix with human_fraction 1), validated on the
+    val split's human labels; the held-out split's queries are excluded from everything."""
+    from pipelines.stage import deep_merge
+    from pipelines.train_retriever import RetrieverTrainConfig
+
+    values = deep_merge({"labels": {"source": "mix", "human_fraction": 1.0}}, p.retriever or {})
+    labels = dict(values.pop("labels"))
+    clash = sorted({"human", "llm"} & set(labels))
+    if clash:
+        raise ConfigError(
+            f"retriever.labels.{clash[0]}: set by the pipeline (it chains the stages); remove it"
+        )
+    labels.update(human=[str(out / "splits" / "train" / "qrels")], llm=[str(out / "judgments-pool")])
+    wired = {"index": str(out / "index"), "queries": [str(out / "data" / "queries")], "labels": labels,
+             "val": [str(out / "splits" / "val" / "qrels")],
+             "exclude_queries": [str(out / "splits" / p.annotate_split / "queries")],
+             "out": str(out / "retriever"), "resume": resume}  # fmt: skip
+    return [_cfg(RetrieverTrainConfig, "retriever", values, wired)]
+
+
+def _retriever_index(p, out, resume):
+    from pipelines.index import IndexConfig
+
+    # the index section's settings (kind, actors, GPUs), with the fine-tuned encoder in place of its own
+    values = {**{k: v for k, v in p.index.items() if k != "encoder"}, "dense": True}
+    return [_cfg(IndexConfig, "index", values, {"docs": str(out / "data" / "docs"), "out": str(out / "retriever-index"),
+                                                "encoder": str(out / "retriever")})]  # fmt: skip
+
+
+#: full-corpus first-stage rows of retriever_eval: (index directory under OUT, retriever)
+RETRIEVER_ROWS = {
+    "bm25": ("index", "bm25"),
+    "minilm": ("index", "dense"),
+    "finetuned": ("retriever-index", "dense"),
+}
+
+
+def _retriever_eval(p, out, resume):
+    from pipelines.index import IndexSearchConfig
+    from pipelines.rank import RankEvalConfig
+
+    queries, qrels = (
+        str(out / "splits" / p.annotate_split / "queries"),
+        str(out / "splits" / p.annotate_split / "qrels"),
+    )
+    rows = {k: v for k, v in RETRIEVER_ROWS.items() if k != "minilm" or p.index.get("dense", True)}
+    cfgs: list[StageConfig] = [IndexSearchConfig(index=str(out / idx), queries=queries, retriever=kind, k=100,
+                                                 out=str(out / "retriever-eval" / f"run-{name}"))
+                               for name, (idx, kind) in rows.items()]  # fmt: skip
+    for name in rows:
+        cfgs.append(RankEvalConfig(run=str(out / "retriever-eval" / f"run-{name}"), qrels=qrels,
+                                   baseline=None if name == "bm25" else str(out / "retriever-eval" / "run-bm25"),
+                                   out=str(out / "retriever-eval" / name)))  # fmt: skip
+    return cfgs
+
+
+def _run_retriever_eval(cfgs):
+    """Retrieve the held-out queries from the whole corpus with BM25, the base encoder and the fine-tuned one,
+    score each against their human labels, and write retriever-eval/summary.json, table.md and ndcg10.png."""
+    from pipelines.index import search
+
+    results, out = _produce_and_score(cfgs, search)
+    caption = (
+        "First-stage retrieval from the whole corpus (top 100) of {n} test queries, human labels; the "
+        "fine-tuned encoder trained on the train split's human labels and the judge's labels of other "
+        "non-test queries, was validated on the val split, and saw no test query. 95% CIs over queries."
+    )
+    summary = rank_summary(results, out, caption=caption, baselines=("bm25", "minilm"))
+    return {"ndcg10": {k: v["ndcg10"] for k, v in summary["rows"].items()}, "n_queries": summary["n_queries"]}
+
+
 def _augment(p, out, resume):
     from pipelines.experiment import AugmentConfig
 
@@ -362,23 +445,39 @@ def _run_validate(cfgs):
     return {"ok": True}
 
 
-def _run_rank_eval(cfgs):
-    """Predict every ranker and baseline on the test features, score each against the test queries' human
-    labels, and write rank-eval/summary.json, table.md and ndcg10.png: one row per ranker and baseline."""
-    from pipelines.rank import RankEvalConfig, evaluate, predict
+def _produce_and_score(cfgs, produce) -> tuple[dict[str, Any], Path]:
+    """Write each run table (``produce``: rank predict or index search), then score the runs in order: the
+    RankEvalConfigs follow the configs that make the runs they read. Returns each score by name and the
+    directory the runs live in."""
+    from pipelines.rank import RankEvalConfig, evaluate
 
     results = {}
     for cfg in cfgs:
         if isinstance(cfg, RankEvalConfig):
             results[Path(cfg.out).name] = evaluate(cfg).extra
         else:
-            predict(cfg)
-    out = Path(cfgs[0].out).parent
+            produce(cfg)
+    return results, Path(cfgs[0].out).parent
+
+
+def _run_rank_eval(cfgs):
+    """Predict every ranker and baseline on the test features, score each against the test queries' human
+    labels, and write rank-eval/summary.json, table.md and ndcg10.png: one row per ranker and baseline."""
+    from pipelines.rank import predict
+
+    results, out = _produce_and_score(cfgs, predict)
     summary = rank_summary(results, out)
     return {"ndcg10": {k: v["ndcg10"] for k, v in summary["rows"].items()}, "n_queries": summary["n_queries"]}
 
 
-def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+RANKERS_CAPTION = (
+    "Rankers on {n} test queries (human labels; no test query trained or calibrated the judge or a "
+    "ranker); 95% CIs over queries."
+)
+
+
+def rank_summary(results: dict[str, dict[str, Any]], out: Path, caption: str = RANKERS_CAPTION,
+                 baselines: tuple[str, ...] = tuple(BASELINES)) -> dict[str, Any]:  # fmt: skip
     """Per ranker: mean NDCG@10 / MRR@10 / R@100 with 95% bootstrap CIs over test queries, and the paired
     difference from BM25; written as summary.json, table.md and a plot with the intervals."""
     from eval.ranking import bootstrap_ci
@@ -401,8 +500,7 @@ def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any
     n = max((r["n_queries"] for r in rows.values()), default=0)
     summary = {"n_queries": n, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"Rankers on {n} test queries (human labels; no test query trained or calibrated the judge or a "
-             "ranker); 95% CIs over queries.", "",
+    lines = [caption.format(n=n), "",
              "| ranker | NDCG@10 | 95% CI | MRR@10 | R@100 | NDCG@10 - BM25 | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def ci(v):
@@ -414,11 +512,11 @@ def rank_summary(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any
                      + (f"{r['ndcg10_vs_bm25']:+.4f} | {ci(r['ndcg10_vs_bm25_ci95'])} | {r['ndcg10_vs_bm25_p']:.3g} |"
                         if "ndcg10_vs_bm25" in r else " | | |"))  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _plot_rankers(rows, out / "ndcg10.png", n)
+    _plot_rankers(rows, out / "ndcg10.png", n, baselines)
     return summary
 
 
-def _plot_rankers(rows: dict[str, dict[str, Any]], path: Path, n: int) -> None:
+def _plot_rankers(rows: dict[str, dict[str, Any]], path: Path, n: int, baselines: tuple[str, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,7 +527,7 @@ def _plot_rankers(rows: dict[str, dict[str, Any]], path: Path, n: int) -> None:
     lo = [m - rows[k]["ndcg10_ci95"][0] for k, m in zip(names, means, strict=True)]
     hi = [rows[k]["ndcg10_ci95"][1] - m for k, m in zip(names, means, strict=True)]
     fig, ax = plt.subplots(figsize=(6, 3))
-    colors = ["#999999" if k in BASELINES else "#3b6ea8" for k in names]
+    colors = ["#999999" if k in baselines else "#3b6ea8" for k in names]
     ax.barh(names[::-1], means[::-1], xerr=[lo[::-1], hi[::-1]], color=colors[::-1], capsize=3)
     ax.set_xlabel(f"NDCG@10 on {n} test queries (95% CI)")
     ax.set_xlim(0, 1)
@@ -541,6 +639,15 @@ def stages(p: PipelineConfig) -> list[Stage]:
         Stage("rank_eval", ("rankers", "features_test", "split"), ("rank-eval",), _rank_eval, _run_rank_eval),
         Stage("augment", ("features_test", "annotate"), ("augment",), _augment, _run_one("pipelines.experiment:augment")),
     ]  # fmt: skip
+    if p.retriever is not None:
+        out += [
+            Stage("retriever", ("split", "index", "annotate_pool"), ("retriever",), _retriever,
+                  _run_one("pipelines.train_retriever:train"), resumable=True),
+            Stage("retriever_index", ("retriever", "prepare"), ("retriever-index",), _retriever_index,
+                  _run_one("pipelines.index:build")),
+            Stage("retriever_eval", ("retriever_index", "index", "split"), ("retriever-eval",), _retriever_eval,
+                  _run_retriever_eval),
+        ]  # fmt: skip
     if p.serve.check:
         out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))
     out.append(Stage("report", tuple(s.name for s in out), ("report",), _report, _run_report))

@@ -107,8 +107,13 @@ def test_shipped_pipelines_load_and_wire_every_stage(name):
         "annotate_pool",
         "rankers",
         "rank_eval",
+        "retriever",
+        "retriever_eval",
         "report",
     } <= set(built)
+    (rt,) = built["retriever"]
+    assert rt.labels.source == "mix" and rt.exclude_queries == [f"{p.out}/splits/test/queries"]
+    assert rt.val == [f"{p.out}/splits/val/qrels"] and rt.labels.llm == [f"{p.out}/judgments-pool"]
     assert [c.label_source for c in built["rankers"]] == ["human", "judge", "mix", "curriculum"]
     (pool,) = built["pool"]
     assert pool.hold_out == [p.annotate_split] == ["test"]
@@ -124,6 +129,7 @@ def test_shipped_pipelines_load_and_wire_every_stage(name):
         (sv,) = built["serve"]
         assert sv.device == "cuda" and sv.retriever == "dense" and sv.judge.path == "/data/runs/prod/judge"
         assert sv.ranker == "/data/runs/prod/ranker-mix"
+        assert rt.use_gpu and rt.num_workers == 4
 
 
 def _free_port() -> int:
@@ -145,7 +151,10 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
             "candidates.num_cpus_per_actor=1", "candidates.k=8", "annotate.profile=cpu-small",
             "annotate.dtype=fp32", "annotate.autoscaling_cluster=false", "annotate.unit_rows=512",
             "ranker.ranker.n_estimators=20", "augment.folds=2", "augment.seeds=[0]", "augment.ranker.n_estimators=20",
-            "tracking.mlflow_uri=null"]  # fmt: skip
+            "tracking.mlflow_uri=null", f"retriever.base_model={encoder}", "retriever.batch_size=4",
+            "retriever.group_size=4", "retriever.max_positives=2", "retriever.num_workers=2", "retriever.epochs=1",
+            "retriever.use_gpu=false", "retriever.cpus_per_worker=1", "retriever.val_distractors=20",
+            "retriever.max_passage_length=32", "retriever.eval_every=null"]  # fmt: skip
     if p.data.source == "synth":
         sets += ["data.synth.entities=12", "data.synth.distractors=2", "data.synth.random_negatives=1"]
     elif not Path(p.data.src).exists():  # a cluster volume: the same data from the shared folder
@@ -176,7 +185,8 @@ def test_the_whole_pipeline_runs_and_a_rerun_does_nothing(full_run):
     assert r.ran == [s.name for s in stages(p)]
     out = Path(p.out)
     for d in ("candidates", "pool", "judge", "judgments", "judgments-pool", "judge-eval", "ranker-human",
-              "ranker-judge", "ranker-mix", "ranker-curriculum", "rank-eval", "augment", "index", "serve", "report"):  # fmt: skip
+              "ranker-judge", "ranker-mix", "ranker-curriculum", "rank-eval", "augment", "index", "serve", "report",
+              "retriever", "retriever-index", "retriever-eval"):  # fmt: skip
         assert (out / d).exists(), d
     assert r.report == str(out / "report" / "index.html")
     again = run(p, echo=_quiet)
@@ -209,6 +219,14 @@ def test_no_test_query_is_judged_for_the_rankers_or_trains_anything(full_run):
     summary = json.loads((out / "rank-eval" / "summary.json").read_text())
     assert set(summary["rows"]) == {"bm25", "dense", "human", "judge", "mix", "curriculum"}
     scored = set(read_table(out / "rank-eval" / "mix" / "per_query").column("qid").to_pylist())
+    assert scored and scored <= test_q
+    # the retriever: trained on no test query, validated on val, scored on test queries only
+    card = json.loads((out / "retriever" / "retriever_card.json").read_text())
+    val_q = set(splits.filter(pc.equal(splits.column("split"), "val")).column("qid").to_pylist())
+    assert set(card["data"]["validation_queries"]) <= val_q
+    retr = json.loads((out / "retriever-eval" / "summary.json").read_text())
+    assert set(retr["rows"]) == {"bm25", "minilm", "finetuned"}
+    scored = set(read_table(out / "retriever-eval" / "finetuned" / "per_query").column("qid").to_pylist())
     assert scored and scored <= test_q
     m = json.loads((out / "pipeline.json").read_text())
     assert set(m["splits_use"]) == {"train", "val", "unlabelled", "test"} and m["held_out_split"] == "test"
