@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ----------------------------------------------------------------- retriever
     rt = sub.add_parser(
-        "retriever", help="fine-tune a dense bi-encoder on human / judge / utility labels", formatter_class=_Formatter
+        "retriever",
+        help="fine-tune a dense bi-encoder on human / judge / utility labels",
+        formatter_class=_Formatter,
     )
     rsub2 = rt.add_subparsers(dest="retriever_command", metavar="ACTION", required=True)
     p = rsub2.add_parser(
