@@ -229,6 +229,21 @@ class RankService:
                 encoder = encoder or self.dense.params.encoder
         self.featurize = PairFeaturizer(self.bm25, BiEncoder(encoder, device=device))
         self.encoder = self.featurize.encoder
+        # A replaced encoder directory would otherwise fail only at request time, with a numpy shape error.
+        from retrieval.dense import check_encoder_dim
+
+        stored = (
+            self.store_vectors
+            if self.store_vectors is not None
+            else getattr(self.legacy_vectors, "vectors", None)
+        )
+        for dim in ([self.dense.dim] if self.dense is not None else []) + (
+            [stored.shape[1]] if stored is not None else []
+        ):
+            try:
+                check_encoder_dim(self.encoder.dim, dim, encoder, index / "dense")
+            except ValueError as e:
+                raise ConfigError(f"encoder: {e}") from None
         self.retriever, self.first_stage_k = cfg.retriever, cfg.first_stage_k
         self.n_docs = len(self.store)
 
