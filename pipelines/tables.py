@@ -88,7 +88,12 @@ PAIRS = TableSpec(
     ),
     key=("qid", "docid"),
     doc="(query, document) pairs with their texts; label is the human grade when known",
-    optional=(Column("title", _STR, nullable=True), Column("url", _STR, nullable=True)),
+    optional=(
+        Column("title", _STR, nullable=True),
+        Column("url", _STR, nullable=True),
+        # the question's gold answers, when the data has them (answer-likelihood utility, RAG evaluation)
+        Column("answers", pa.list_(_STR), nullable=True),
+    ),
 )
 JUDGMENTS = TableSpec(
     "judgments",
@@ -127,7 +132,32 @@ RUN = TableSpec(
     doc="a ranking: one scored document per row, rank starting at 1",
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (QUERIES, DOCS, PAIRS, JUDGMENTS, QRELS, RUN)}
+UTILITY = TableSpec(
+    "utility",
+    (
+        Column("qid", _STR, non_empty=True),
+        Column("docid", _STR, non_empty=True),
+        Column("selected", pa.bool_()),
+        Column("mode", _STR, non_empty=True),
+        Column("annotator", _STR, non_empty=True),
+        Column("prompt_version", _STR, non_empty=True),
+    ),
+    key=("qid", "docid"),
+    doc="utility labels per (question, passage): selected is a positive; rank (utility-rank) and utility "
+    "(answer-likelihood: log P(answer | q, p) - log P(answer | q)) order them",
+    optional=(
+        Column("rank", pa.int32(), nullable=True),  # 1 = most useful; null where the stage did not rank it
+        Column("utility", pa.float32(), nullable=True),
+        Column("pseudo_answer", _STR, nullable=True),
+        Column("relevant", pa.bool_(), nullable=True),  # RelSel's verdict, for the modes that run it
+        Column("truncated", pa.bool_(), nullable=True),  # the passage was cut to the token budget
+        # JSON: the listwise windows that showed this passage (stage, window, seed, position, parse status)
+        Column("windows", _STR, nullable=True),
+        Column("note", _STR, nullable=True),  # why a stage's verdict is missing (a parse failure, ...)
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (QUERIES, DOCS, PAIRS, JUDGMENTS, QRELS, RUN, UTILITY)}
 
 #: Rows a stage could not process: where they came from and why.
 REJECTED_SCHEMA = pa.schema(
@@ -286,6 +316,10 @@ def row_failures(
         bad = ~np.isfinite(score) | (score < min(grades) - 1e-4) | (score > max(grades) + 1e-4)
         if bad.any():
             out.append(RowFailure("score", f"expected grade must lie in [{min(grades)}, {max(grades)}]", bad))
+    if spec is UTILITY and "rank" in table.column_names:
+        bad = pc.fill_null(pc.less(table.column("rank"), 1), False)
+        if pc.any(bad).as_py():
+            out.append(RowFailure("rank", "rank starts at 1", _mask(bad)))
     if spec is RUN:
         rank = table.column("rank")
         bad = pc.less(rank, 1)
