@@ -16,7 +16,9 @@ Every passage is generated from known facts, so its grade for every query is kno
 ====  ===========================================================================================
 
 Written in the BEIR layout (``corpus.jsonl``, ``queries.jsonl``, ``qrels/test.tsv`` with every candidate
-pair and its grade, including zeros), so ``augrel data prepare beir`` reads it like any public dataset.
+pair and its grade, including zeros), so ``augrel data prepare beir`` reads it like any public dataset. Each
+query carries its gold answer as those passages word it (``"metadata": {"answers": ["1987"]}``), for
+answer-likelihood utility and RAG evaluation.
 The same seed and sizes give byte-identical files.
 """
 
@@ -207,6 +209,9 @@ class Aspect:
     focused: tuple[str, ...]  # templates of a passage about this aspect (sentence per template)
     fact: str  # one-sentence statement for overviews, over {e} and the facts
     comparison: str  # a sentence about entity {o} that names {e} without giving {e}'s fact
+    # the asked fact as the first focused sentence and the fact sentence word it, so every passage that states
+    # the fact (grades 3 and 2) contains the answer string verbatim
+    answer: str
 
 
 KINDS: dict[str, list[Aspect]] = {
@@ -220,6 +225,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} was founded in {year}.",
             "Like its neighbour {e}, {o} began as a small farming settlement.",
+            "{year}",
         ),
         Aspect(
             "population",
@@ -230,6 +236,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "About {pop:,} people live in {e}.",
             "{o} has grown faster than nearby {e} over the past decade.",
+            "{pop:,}",
         ),
         Aspect(
             "river",
@@ -240,6 +247,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "The {river} River runs through {e}.",
             "Unlike {e}, {o} lies on a river that floods almost every winter.",
+            "{river} River",
         ),
         Aspect(
             "industry",
@@ -250,6 +258,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} is known for {industry}.",
             "{o} once competed with {e} for the same trade, before turning to tourism.",
+            "{industry}",
         ),
         Aspect(
             "festival",
@@ -260,6 +269,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} holds the {festival} every {month}.",
             "Visitors to the festivals of {e} often stay overnight in nearby {o}.",
+            "{festival}",
         ),
     ],
     "company": [
@@ -272,6 +282,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} was founded in {year}.",
             "{o} was started by former employees of {e}.",
+            "{year}",
         ),
         Aspect(
             "ceo",
@@ -282,6 +293,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} is run by chief executive {person}.",
             "The chief executive of {o} used to sit on the board of {e}.",
+            "{person}",
         ),
         Aspect(
             "product",
@@ -292,6 +304,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} manufactures {product}.",
             "{o} is a supplier to {e} but sells under its own brand as well.",
+            "{product}",
         ),
         Aspect(
             "headquarters",
@@ -302,6 +315,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} has its headquarters in {city}.",
             "{o} opened an office across the street from {e}.",
+            "{city}",
         ),
         Aspect(
             "employees",
@@ -312,6 +326,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "{e} has about {staff:,} employees.",
             "{o} hired several hundred people who had left {e}.",
+            "{staff:,}",
         ),
     ],
     "species": [
@@ -324,6 +339,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "The {e} is found in {habitat}.",
             "The {o} is often mistaken for the {e} by casual observers.",
+            "{habitat}",
         ),
         Aspect(
             "diet",
@@ -334,6 +350,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "Its diet consists of {food}.",
             "The {o} competes with the {e} for food in some areas.",
+            "{food}",
         ),
         Aspect(
             "lifespan",
@@ -344,6 +361,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "The {e} lives for {life} to {life2} years.",
             "The {o} lives far longer than the {e}, according to one study.",
+            "{life} to {life2} years",
         ),
         Aspect(
             "size",
@@ -354,6 +372,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "Adults reach about {size} centimetres.",
             "The {o} is roughly twice the size of the {e}.",
+            "{size} centimetres",
         ),
         Aspect(
             "color",
@@ -364,6 +383,7 @@ KINDS: dict[str, list[Aspect]] = {
             ),
             "The {e} is {color} with {pattern}.",
             "The {o} and the {e} differ mostly in their markings.",
+            "{color} with {pattern}",
         ),
     ],
 }
@@ -492,7 +512,10 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[tuple[str, 
         for ai in sorted(asked.tolist()):
             a = aspects[ai]
             qid = f"{ent['id']}-q{ai}"
-            queries.append({"_id": qid, "text": a.query.format(e=ent["name"])})
+            answer = a.answer.format(**ent["facts"])
+            queries.append(
+                {"_id": qid, "text": a.query.format(e=ent["name"]), "metadata": {"answers": [answer]}}
+            )
             grades: dict[str, int] = {}
             for b in aspects:
                 for d in focused[(i, b.name)]:

@@ -1,3 +1,4 @@
+import json
 from collections import defaultdict
 
 from pipelines.synth import SynthConfig, generate, synth
@@ -43,3 +44,31 @@ def test_grade_mix_has_every_grade_and_enough_pairs():
         counts[g] += 1
     assert all(counts[g] > 100 for g in range(4))
     assert counts[0] > counts[3]  # irrelevant pairs dominate, as in TREC pools
+
+
+def test_answer_is_the_fact_every_stating_passage_words(tmp_path):
+    """The gold answer is the asked fact, verbatim in every grade-3 passage (and every grade-2 passage, which
+    states the fact in passing); queries.jsonl carries it where `augrel data prepare beir` reads it."""
+    cfg = SynthConfig(out=str(tmp_path), entities=30, seed=1)
+    docs, queries, qrels = generate(cfg)
+    text = {d["_id"]: d["text"] for d in docs}
+    answer = {q["_id"]: q["metadata"]["answers"] for q in queries}
+    assert all(len(a) == 1 and a[0].strip() for a in answer.values())
+    by_grade = defaultdict(lambda: defaultdict(list))
+    for q, d, g in qrels:
+        by_grade[q][g].append(d)
+    aspects_seen = set()
+    for qid, grades in by_grade.items():
+        assert grades[3], qid
+        for d in grades[3] + grades[2]:
+            assert answer[qid][0] in text[d], (qid, answer[qid], d, text[d])
+        entity, aspect = qid.split("-q")
+        aspects_seen.add((int(entity.removeprefix("e")) % 3, aspect))  # entities cycle over the three kinds
+    assert len(aspects_seen) == 15  # every aspect of every kind is exercised
+    # the answer names this entity's fact, not the aspect: the same-aspect distractors (grade 0) mostly state
+    # another value (a shared one, e.g. two towns on one river, is a coincidence of the small vocabularies)
+    zero_hits = [answer[q][0] in text[d] for q, gs in by_grade.items() for d in gs[0]]
+    assert sum(zero_hits) < 0.2 * len(zero_hits)
+    synth(cfg)
+    written = [json.loads(line) for line in (tmp_path / "queries.jsonl").read_text().splitlines()]
+    assert {q["_id"]: q["metadata"]["answers"] for q in written} == answer
