@@ -2,7 +2,7 @@
 
     queries --(shards of queries)--> CandidateActor pool (index + encoder loaded once per actor)
             --> OUT/part-*.parquet: qid, docid, query, text, title, label (human grade or null),
-                cand_rank, cand_score, retrieved_by
+                cand_rank, cand_score, retrieved_by[, answers (the query's gold answers, when it has them)]
 
 This is the pool the judge annotates: ``label`` is the human grade where one is known (``--qrels``), null
 elsewhere. Queries are read on the driver (a queries table is small next to its candidates: 1M queries are
@@ -35,7 +35,9 @@ CANDIDATE_COLUMNS = ("cand_rank", "cand_score", "retrieved_by")
 class CandidatesConfig(StageConfig):
     """``augrel candidates``: which queries, which index, how many candidates, on what resources."""
 
-    queries: str = Field(description="queries table (qid, query): a directory, Parquet/JSONL file or glob")
+    queries: str = Field(
+        description="queries table (qid, query[, answers]): a directory, Parquet/JSONL file or glob"
+    )
     index: str = Field(description="index directory from `augrel index build` (bm25/, dense/, docstore/)")
     out: str = Field(description="output directory: the candidate pairs table")
     k: int = Field(100, ge=1, le=10_000, description="candidates per query")
@@ -95,7 +97,7 @@ class CandidateActor:
         cands = self.generate(qids, queries)
         query_of = dict(zip(qids, queries, strict=True))
         texts = self.docs.get(cands.column("docid").to_pylist())
-        return pa.table({
+        out = pa.table({
             "qid": cands.column("qid"),
             "docid": cands.column("docid"),
             "query": pa.array([query_of[q] for q in cands.column("qid").to_pylist()], pa.string()),
@@ -104,6 +106,11 @@ class CandidateActor:
             "label": attach_labels(cands, self.labels),
             **{c: cands.column(c) for c in CANDIDATE_COLUMNS},
         })  # fmt: skip
+        if "answers" in batch.column_names:  # the question's gold answers travel with each of its candidates
+            row_of = {q: i for i, q in enumerate(qids)}
+            rows = pa.array([row_of[q] for q in cands.column("qid").to_pylist()], pa.int64())
+            out = out.append_column("answers", batch.column("answers").take(rows))
+        return out
 
 
 def candidates_dataset(cfg: CandidatesConfig, queries: pa.Table):
@@ -116,9 +123,8 @@ def candidates_dataset(cfg: CandidatesConfig, queries: pa.Table):
     if cfg.qrels:
         labels = ray.put(read_labels(cfg.qrels))
     # Blocks of batch_size queries: a single block from from_arrow would feed one actor only.
-    ds = ray.data.from_arrow(queries.select(["qid", "query"])).repartition(
-        target_num_rows_per_block=cfg.batch_size
-    )
+    cols = [c for c in ("qid", "query", "answers") if c in queries.column_names]
+    ds = ray.data.from_arrow(queries.select(cols)).repartition(target_num_rows_per_block=cfg.batch_size)
     params = {"k": cfg.k, "retrievers": tuple(cfg.retrievers), "depth": cfg.depth}
     return ds.map_batches(
         CandidateActor, batch_size=cfg.batch_size, batch_format="pyarrow",

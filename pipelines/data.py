@@ -5,7 +5,7 @@
     OUT/queries/part-*.parquet   qid, query[, answers]
     OUT/docs/part-*.parquet      docid, text, title, url
     OUT/qrels/part-*.parquet     qid, docid, label
-    OUT/pairs/part-*.parquet     qid, docid, query, text, label   (every judged pair, with its texts)
+    OUT/pairs/part-*.parquet     qid, docid, query, text, label[, answers]   (every judged pair, with its texts)
     OUT/rejected/part-*.parquet  table, source, line, reason, raw (rows that could not be used, and why)
     OUT/config.yaml, OUT/manifest.json
 
@@ -240,12 +240,26 @@ def load_trec_dl(cfg: PrepareConfig) -> Loaded:
     return Loaded(queries, docs, qrels, rejects, sources={k: str(src / v) for k, v in sources.items()})
 
 
+def _answers(value: Any) -> tuple[list[str] | None, str | None]:
+    """Gold answers as given (a string or a list of strings) -> (answers or None when none are given, error)."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
+        return None, "expected a non-empty string or a list of non-empty strings"
+    return ([a.strip() for a in value] or None), None
+
+
 def load_beir(cfg: PrepareConfig) -> Loaded:
-    """BEIR layout: ``corpus.jsonl`` {_id, title, text}, ``queries.jsonl`` {_id, text}, ``qrels/<split>.tsv``."""
+    """BEIR layout: ``corpus.jsonl`` {_id, title, text}, ``queries.jsonl`` {_id, text[, metadata]},
+    ``qrels/<split>.tsv``. A query's gold answers are read from ``metadata.answers`` (a string or a list of
+    strings; ``augrel data synth`` writes them): the queries table has an ``answers`` column when any query has
+    them, none when no query does (public BEIR sets)."""
     src = Path(cfg.src)
     rejects: list[pa.Table] = []
     docs = _docs_from_jsonl(_need(src, "corpus.jsonl"), rejects)
-    qids, queries, lines, bad = [], [], [], []
+    qids, queries, answers, lines, bad = [], [], [], [], []
     qpath = _need(src, "queries.jsonl")
     for lineno, obj in _jsonl(qpath, "queries", rejects):
         qid = _id(obj.get("_id", obj.get("qid")))
@@ -256,8 +270,14 @@ def load_beir(cfg: PrepareConfig) -> Loaded:
         if not isinstance(text, str):
             bad.append((lineno, "missing or non-text query (text)", json.dumps(obj)[:500]))
             continue
+        meta = obj.get("metadata")
+        gold, error = _answers(meta.get("answers") if isinstance(meta, dict) else None)
+        if error:
+            bad.append((lineno, f"metadata.answers: {error}", json.dumps(obj)[:500]))
+            continue
         qids.append(qid)
         queries.append(text.strip())
+        answers.append(gold)
         lines.append(lineno)
     if bad:
         rejects.append(T.rejected_rows("queries", str(qpath), bad))
@@ -296,6 +316,8 @@ def load_beir(cfg: PrepareConfig) -> Loaded:
     qtable = pa.table(
         {"qid": pa.array(qids, pa.string()), "query": pa.array(queries, pa.string()), "_line": lines}
     )
+    if any(a is not None for a in answers):
+        qtable = qtable.append_column("answers", pa.array(answers, pa.list_(pa.string())))
     sources = {"queries": str(qpath), "docs": str(src / "corpus.jsonl"), "qrels": str(qdir)}
     return Loaded(qtable, docs, pa.concat_tables(qrels_parts), rejects, sources=sources)
 
@@ -368,7 +390,8 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
 
 
 def load_pairs(cfg: PrepareConfig) -> Loaded:
-    """Generic pairs (JSONL or Parquet files, a directory, or a glob): qid, docid, query, text[, label]."""
+    """Generic pairs (JSONL or Parquet files, a directory, or a glob): qid, docid, query, text[, label, title, url,
+    answers (the question's gold answers: a string or a list of strings)]."""
     rejects: list[pa.Table] = []
     parts = []
     for f in expand_paths(cfg.src):
@@ -400,12 +423,21 @@ def load_pairs(cfg: PrepareConfig) -> Loaded:
                         bad.append((lineno, f"{k}: not text", json.dumps(obj)[:500]))
                         break
                 else:
+                    row["answers"], error = _answers(obj.get("answers"))
+                    if error:
+                        bad.append((lineno, f"answers: {error}", json.dumps(obj)[:500]))
+                        continue
                     row["_line"] = lineno
                     row["_source"] = str(f)
                     rows.append(row)
             if bad:
                 rejects.append(T.rejected_rows("pairs", str(f), bad))
-            schema = T.PAIRS.schema(["title", "url"]).append(pa.field("_line", pa.int64()))
+            with_answers = any(r["answers"] is not None for r in rows)
+            if not with_answers:
+                for r in rows:
+                    del r["answers"]
+            optional = ["title", "url", "answers"] if with_answers else ["title", "url"]
+            schema = T.PAIRS.schema(optional).append(pa.field("_line", pa.int64()))
             schema = schema.append(pa.field("_source", pa.string()))
             t = pa.Table.from_pylist(rows, schema=schema)
         parts.append(t)
@@ -455,13 +487,18 @@ def _reject_orphans(
 
 
 def build_pairs(qrels: pa.Table, queries: pa.Table, docs: pa.Table) -> pa.Table:
-    """Join judged (qid, docid) with the query and document texts, in qrels order."""
-    joined = qrels.join(queries.select(["qid", "query"]), "qid", join_type="inner", use_threads=False)
+    """Join judged (qid, docid) with the query and document texts (and the query's gold answers when the queries
+    table has them), sorted by (qid, docid)."""
+    # Acero joins no list column (answers) as payload: join the query's row number and take answers by it.
+    qside = queries.select(["qid", "query"]).append_column("_qrow", pa.array(np.arange(queries.num_rows)))
+    joined = qrels.join(qside, "qid", join_type="inner", use_threads=False)
     joined = joined.join(
         docs.select(["docid", "text", "title", "url"]), "docid", join_type="inner", use_threads=False
     )
     joined = joined.sort_by([("qid", "ascending"), ("docid", "ascending")])
-    return T.conform(T.PAIRS, joined)
+    if "answers" in queries.column_names:
+        joined = joined.append_column("answers", queries.column("answers").take(joined.column("_qrow")))
+    return T.conform(T.PAIRS, joined.drop_columns(["_qrow"]))
 
 
 def prepare(cfg: PrepareConfig) -> StageResult:
@@ -472,7 +509,9 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         src = cfg.src
         if loaded.pairs is not None:
             pairs = _apply_rules(T.PAIRS, loaded.pairs, src, cfg.grades, rejects)
-            queries = _first_per_key(pairs.select(["qid", "query"]), "qid")
+            queries = _first_per_key(
+                pairs.select([c for c in ("qid", "query", "answers") if c in pairs.column_names]), "qid"
+            )
             docs = _first_per_key(
                 pairs.select([c for c in ("docid", "text", "title", "url") if c in pairs.column_names]),
                 "docid",

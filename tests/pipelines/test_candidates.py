@@ -26,10 +26,9 @@ def test_every_query_gets_its_top_k_with_human_labels_where_known(
     from pipelines.candidates import CandidatesConfig, run
     from pipelines.stage import read_manifest
 
-    queries = read_table(synth_dataset / "queries").select(["qid", "query"])
-    extra = pa.table(
-        {"qid": ["unlabelled-1", "nothing-matches"], "query": ["founded river town", "zzzz qqqq"]}
-    )
+    queries = read_table(synth_dataset / "queries").select(["qid", "query", "answers"])
+    extra = pa.table({"qid": ["unlabelled-1", "nothing-matches"], "query": ["founded river town", "zzzz qqqq"],
+                      "answers": pa.array([None, None], pa.list_(pa.string()))})  # fmt: skip
     write_table(tmp_path / "queries", pa.concat_tables([queries, extra.cast(queries.schema)]))
     cfg = CandidatesConfig(queries=str(tmp_path / "queries"), index=str(bm25_index), k=5,
                            qrels=str(synth_dataset / "pairs"), out=str(tmp_path / "out"), batch_size=8,
@@ -56,6 +55,11 @@ def test_every_query_gets_its_top_k_with_human_labels_where_known(
         assert row["text"] == text[row["docid"]]
     assert r.counts["pairs_with_human_label"] + r.counts["pairs_unlabelled"] == len(cands)
     assert cands.filter(pc.equal(cands.column("qid"), "unlabelled-1")).column("label").null_count == 5
+    # each candidate carries its query's gold answers (null for the query that has none)
+    gold = dict(zip(queries.column("qid").to_pylist(), queries.column("answers").to_pylist(), strict=True))
+    assert all(gold[q] for q in gold)
+    for q, a in zip(cands.column("qid").to_pylist(), cands.column("answers").to_pylist(), strict=True):
+        assert a == gold.get(q), (q, a)
     assert read_manifest(tmp_path / "out")["counts"] == r.counts
 
 

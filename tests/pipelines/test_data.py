@@ -112,6 +112,12 @@ def test_prepare_hotpotqa(shared_data, tmp_path):
     assert all(queries.column("answers").to_pylist())
     labels = read_table(out / "qrels").column("label").to_pylist()
     assert set(labels) == {0, 1} and sum(labels) >= 2 * 500 - 10  # two supporting paragraphs per question
+    # every pair carries its question's gold answers (answer-likelihood utility reads them beside the passage)
+    gold = dict(zip(queries.column("qid").to_pylist(), queries.column("answers").to_pylist(), strict=True))
+    pairs = read_table(out / "pairs")
+    assert pairs.num_rows == r.counts["pairs"] and pairs.column("answers").null_count == 0
+    assert all(a == gold[q] for q, a in zip(pairs.column("qid").to_pylist(), pairs.column("answers").to_pylist(),
+                                            strict=True))  # fmt: skip
 
 
 def test_pairs_format_rejects_and_keeps_unlabelled(tmp_path):
@@ -141,6 +147,76 @@ def test_beir_synth_roundtrip(synth_dataset):
     assert pairs.num_rows > 500
     assert set(pairs.column("label").to_pylist()) == {0, 1, 2, 3}
     assert read_table(synth_dataset / "rejected").num_rows == 0
+    # synth's answers (queries.jsonl metadata) reach the queries and every pair
+    assert read_table(synth_dataset / "queries").column("answers").null_count == 0
+    assert pairs.column("answers").null_count == 0
+
+
+def _write_beir(src, queries):
+    (src / "qrels").mkdir(parents=True)
+    (src / "corpus.jsonl").write_text(
+        "\n".join(json.dumps({"_id": d, "title": "", "text": f"passage {d}"}) for d in ("d1", "d2")) + "\n"
+    )
+    (src / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries) + "\n")
+    qids = [q["_id"] for q in queries]
+    (src / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q in qids for d in ("d1", "d2"))
+    )
+
+
+def test_beir_reads_gold_answers_from_query_metadata(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_beir(src, [
+        {"_id": "list", "text": "when was it founded", "metadata": {"answers": ["1987", " in 1987 "]}},
+        {"_id": "str", "text": "who runs it", "metadata": {"answers": "Ada Marsh"}},
+        {"_id": "none", "text": "no answer known", "metadata": {}},
+        {"_id": "nometa", "text": "no metadata at all"},
+        {"_id": "bad", "text": "answers of the wrong type", "metadata": {"answers": [1987]}},
+        {"_id": "blank", "text": "a blank answer", "metadata": {"answers": ""}},
+    ])  # fmt: skip
+    r = prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
+    queries = read_table(out / "queries")
+    gold = dict(zip(queries.column("qid").to_pylist(), queries.column("answers").to_pylist(), strict=True))
+    assert gold == {"list": ["1987", "in 1987"], "str": ["Ada Marsh"], "none": None, "nometa": None}
+    pairs = read_table(out / "pairs")
+    assert pairs.num_rows == 8 == r.counts["pairs"]
+    assert all(a == gold[q] for q, a in zip(pairs.column("qid").to_pylist(), pairs.column("answers").to_pylist(),
+                                            strict=True))  # fmt: skip
+    # a malformed answer is named and its query rejected (with its qrels, as dangling), never a traceback
+    rejected = read_table(out / "rejected").to_pylist()
+    bad = [x for x in rejected if x["table"] == "queries"]
+    assert len(bad) == 2 and all(x["reason"].startswith("metadata.answers: expected") for x in bad)
+    assert sum(x["reason"] == "qid not in queries" for x in rejected) == 4
+
+
+def test_beir_without_answers_loads_without_the_column(tmp_path):
+    """Public BEIR sets have no answers: no answers column anywhere, no rejected row."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_beir(src, [{"_id": "1", "text": "what is x", "metadata": {}}, {"_id": "2", "text": "who is y"}])
+    r = prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
+    assert r.counts["pairs"] == 4 and r.counts["rejected"] == 0
+    for name in ("queries", "pairs"):
+        assert "answers" not in read_table(out / name).column_names
+
+
+def test_pairs_format_reads_gold_answers(tmp_path):
+    src, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    rows = [
+        {"qid": "q1", "docid": "d1", "query": "x", "text": "t", "label": 1, "answers": ["a1", "a2"]},
+        {"qid": "q1", "docid": "d2", "query": "x", "text": "t", "answers": ["a1", "a2"]},
+        {"qid": "q2", "docid": "d1", "query": "y", "text": "t", "label": 0, "answers": "b"},
+        {"qid": "q3", "docid": "d1", "query": "z", "text": "t", "label": 0},
+        {"qid": "q4", "docid": "d1", "query": "w", "text": "t", "answers": {"text": "c"}},
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prepare(PrepareConfig(format="pairs", src=str(src), out=str(out)))
+    pairs = read_table(out / "pairs")
+    assert pairs.column("answers").to_pylist() == [["a1", "a2"], ["a1", "a2"], ["b"], None]
+    queries = read_table(out / "queries")
+    assert dict(zip(queries.column("qid").to_pylist(), queries.column("answers").to_pylist(), strict=True)) == {
+        "q1": ["a1", "a2"], "q2": ["b"], "q3": None}  # fmt: skip
+    reasons = read_table(out / "rejected").column("reason").to_pylist()
+    assert len(reasons) == 1 and reasons[0].startswith("answers: expected")
 
 
 def test_missing_input_file_is_a_clear_error(tmp_path):
@@ -186,6 +262,11 @@ def test_split_stage_writes_query_disjoint_tables(synth_dataset, tmp_path):
     assert total == read_table(synth_dataset / "pairs").num_rows
     splits = read_table(out / "splits")
     assert set(splits.column("fold").to_pylist()) == {0, 1, 2}
+    # the gold answers travel with the queries and pairs of each split
+    for name in ("train", "val", "test"):
+        for table in ("queries", "pairs"):
+            t = read_table(out / name / table)
+            assert t.num_rows and t.column("answers").null_count == 0, (name, table)
 
 
 def test_split_config_validates_fractions():
