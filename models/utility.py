@@ -456,7 +456,9 @@ class UtilityAnnotator:
         self.model, self.tokenizer = model, tokenizer
         self.prompts = prompts or UtilityPrompts()
         self.seed, self.min_utility, self.answer_source = seed, min_utility, answer_source
-        self.likelihood_top_fraction = likelihood_top_fraction or self.prompts.top_fraction
+        self.likelihood_top_fraction = (
+            self.prompts.top_fraction if likelihood_top_fraction is None else likelihood_top_fraction
+        )
         if not 0 < self.likelihood_top_fraction <= 1:
             raise ValueError(f"likelihood_top_fraction: must be in (0, 1], got {likelihood_top_fraction}")
         self.renderer = ChatRenderer(tokenizer)
