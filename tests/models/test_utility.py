@@ -554,6 +554,8 @@ def test_answer_log_likelihood_equals_the_hand_computation_with_left_padding(tin
     three = answer_log_likelihood(tiny.model, prompts, answers, pad, batch_size=3)
     np.testing.assert_allclose(one, hand, atol=1e-4)
     np.testing.assert_allclose(three, hand, atol=1e-4)
+    capped = answer_log_likelihood(tiny.model, prompts, answers, pad, batch_size=3, max_batch_tokens=30)
+    np.testing.assert_allclose(capped, hand, atol=1e-4)
     assert all(v < 0 for v in hand)
 
 
@@ -601,6 +603,21 @@ def test_gold_answer_source_with_a_missing_answer_names_the_question(tiny):
     ann = UtilityAnnotator(tiny.model, tiny.tokenizer, answer_source="gold")
     with pytest.raises(ValueError, match="'q-none'"):
         ann.annotate([question("q1", answer="the river"), question("q-none")], "answer-likelihood")
+
+
+def test_an_empty_pseudo_answer_is_counted_and_utilsel_still_runs(tiny, monkeypatch):
+    ann, fake = oracle_annotator(tiny, monkeypatch, relevant=["river", "town"], useful=["town"], answer="")
+    (res,) = ann.annotate([question("q1", ["river", "town", "eats"])], "utility-sel")
+    assert res.pseudo_answer == ""
+    assert ann.stats.as_dict()["answer"] == {"answers": 1, "empty": 1}
+    assert all("answer: the pseudo answer is empty" in p.notes for p in res.passages)
+    assert [p.selected for p in res.passages] == [False, True, False]
+    assert len(fake.prompts["utilsel"]) == 1
+
+    ann, _ = oracle_annotator(tiny, monkeypatch, relevant=["river"], answer="")
+    (res,) = ann.annotate([question("q2", ["river", "town"])], "answer-likelihood")
+    assert all(p.utility is None and not p.selected for p in res.passages)
+    assert all(any("no answer to score" in n for n in p.notes) for p in res.passages)
 
 
 # ------------------------------------------------------------------------------------------ generation
