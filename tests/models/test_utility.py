@@ -338,6 +338,7 @@ def test_every_mode_runs_on_the_tiny_model_one_result_per_candidate(tiny, mode):
     if mode == "answer-likelihood":
         # q2 is scored with its gold answer; q1 has none and needs RelSel (which the tiny model fails)
         assert all(p.utility is not None and p.rank is not None for p in out[2].passages)
+        assert all(p.relevant is None and not entries(p, "relsel") for p in out[2].passages)
         assert all(p.utility is None and p.notes for p in out[0].passages)
         assert ann.stats.as_dict()["answer-likelihood"]["pairs"] == 3
         assert ann.stats.as_dict()["relsel"]["windows"] == 3  # q1's three windows only
