@@ -211,7 +211,7 @@ def top_count(n: int, fraction: float) -> int:
 
 def window_slices(n: int, size: int) -> list[range]:
     """``n`` passages cut into consecutive windows of at most ``size``, as even as possible (17 passages in
-    windows of 16 are 9 + 8, not 16 + 1: a window of one passage asks the model nothing)."""
+    windows of 16 are 8 + 9, not 16 + 1: a window of one passage asks the model nothing)."""
     if n == 0:
         return []
     k = -(-n // size)
@@ -638,6 +638,10 @@ class UtilityAnnotator:
                 self.stats.add("answer", "empty")
                 for r in results[qi].passages:
                     r.notes.append("answer: the pseudo answer is empty")
+            entry = {"stage": "answer", "window": 0, **({"truncated": True} if not g.finished else {}),
+                     **({"empty": True} if not answer else {})}  # fmt: skip
+            for r in results[qi].passages:
+                r.windows.append(entry)
             results[qi].pseudo_answer = answer
 
     def _rank(self, questions, texts, kept, results) -> None:

@@ -32,15 +32,16 @@ judgments table ``qid, docid, label, score, probs, judge, prompt_version, trunca
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -70,10 +71,28 @@ IO_TASK_POOL = 2  # concurrent read tasks, and concurrent write tasks
 WAIT_FOR_ACTORS_S = 1800
 
 
-class AnnotateConfig(StageConfig):
-    """``augrel annotate``: which judge grades which pairs, on what resources, and where the judgments go."""
+MODES = ("relevance", "relsel", "utility-sel", "utility-rank", "answer-likelihood")
 
-    judge: str = Field("gemma3-270m", description="a judge directory (from finetune) or a base model")
+
+class AnnotateConfig(StageConfig):
+    """``augrel annotate``: which judge grades which pairs, on what resources, and where the judgments go.
+
+    ``mode`` relevance grades each pair with the judge (a judgments table); the other modes run paper 2's
+    utility annotation (models/utility.py) over each question's candidates with a causal LM and write a utility
+    table: a work unit then holds whole questions, and a question's stages run on one actor, in order.
+    """
+
+    mode: Literal["relevance", "relsel", "utility-sel", "utility-rank", "answer-likelihood"] = Field(
+        "relevance",
+        description="relevance: pointwise grades (judgments table); relsel | utility-sel | utility-rank: "
+        "listwise selection / ranking of each question's candidates; answer-likelihood: log P(answer|q,p) - "
+        "log P(answer|q) per pair (utility table)",
+    )
+    judge: str = Field(
+        "gemma3-270m",
+        description="relevance: a judge directory (from finetune) or a base model; utility modes: the causal LM "
+        "that annotates (hub id, local directory, or the offline alias)",
+    )
     pairs: str = Field(description="pairs: a table directory, a Parquet/JSONL file, or a glob")
     out: str = Field(description="output directory for the judgments table")
     resume: bool = Field(False, description="finish an interrupted run in OUT: only missing units are run")
@@ -102,6 +121,21 @@ class AnnotateConfig(StageConfig):
     limit_units: int | None = Field(
         None, gt=0, description="run at most N pending units, then stop (a partial run; --resume finishes it)"
     )
+    window: int = Field(16, gt=0, description="utility modes: passages per listwise prompt")
+    passage_tokens: int = Field(400, gt=0, description="utility modes: passages cut to this many tokens")
+    top_fraction: float = Field(0.1, gt=0, le=1, description="utility-rank / answer-likelihood: the top "
+                                "fraction of each question's ranking (at least one) are positives")  # fmt: skip
+    min_utility: float = Field(
+        0.0, description="answer-likelihood: a positive must raise log P(answer) by more"
+    )
+    answer_source: Literal["auto", "gold", "pseudo"] = Field(
+        "auto",
+        description="answer-likelihood: the pairs' gold answers (auto: when present), or a pseudo answer",
+    )
+    seed: int = Field(0, description="utility modes: base of the per-window passage shuffles")
+    constrain_listwise: bool = Field(
+        True, description="utility modes: decode selections and rankings over the format's tokens only"
+    )
     autoscaling_cluster: bool = Field(
         False, description="the cluster adds nodes on demand (KubeRay in-tree autoscaling, GPU groups from 0): "
         "keep the pool's size instead of fitting it to the nodes up at the start")  # fmt: skip
@@ -112,7 +146,24 @@ class AnnotateConfig(StageConfig):
             raise ValueError("resume and overwrite: choose one")
         if self.concurrency and not 1 <= self.concurrency[0] <= self.concurrency[1]:
             raise ValueError(f"concurrency: need 1 <= min <= max, got {list(self.concurrency)}")
+        if self.mode != "relevance":
+            from models.judge_card import is_judge_dir
+
+            if is_judge_dir(self.judge):
+                raise ValueError(f"judge: {self.judge} is a relevance judge directory (its adapter grades pairs); "
+                                 f"mode {self.mode} needs a causal LM: a hub id, a local model directory or "
+                                 "gemma3-270m")  # fmt: skip
         return self
+
+    @property
+    def utility(self) -> bool:
+        return self.mode != "relevance"
+
+    def utility_prompts(self):
+        from models.utility import UtilityPrompts
+
+        return UtilityPrompts(window=self.window, passage_tokens=self.passage_tokens,
+                              top_fraction=self.top_fraction, constrain_listwise=self.constrain_listwise)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -134,8 +185,59 @@ def _parquet_columns(path: Path) -> list[str]:
     return pq.read_schema(path).names
 
 
-def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[str, Any]]]:
-    """The work units of an input, in a fixed order, and a fingerprint of the files they come from."""
+def query_starts(path: Path) -> np.ndarray:
+    """The positions (Parquet row, JSONL byte offset) where each question's rows begin, for units that hold whole
+    questions. A question's rows must be contiguous: listwise annotation needs all its candidates at once, and
+    regrouping a corpus-scale input is a job of its own, not something to do silently on the driver."""
+    if path.suffix == ".parquet":
+        qids = pc.cast(pq.read_table(path, columns=["qid"]).column("qid"), pa.string()).to_pylist()
+        pos = np.arange(len(qids), dtype=np.int64)
+    else:
+        qids, _, offsets = _jsonl_keys(path)
+        pos = np.asarray(offsets, dtype=np.int64)
+    starts, seen, prev = [], {}, object()
+    for i, q in enumerate(qids):
+        if q == prev:
+            continue
+        if q is not None and q in seen:
+            where = "row" if path.suffix == ".parquet" else "byte"
+            raise DataError(f"{path}: the candidates of question {q!r} are not contiguous (at {where} "
+                            f"{seen[q]} and again at {where} {int(pos[i])}): listwise modes need each question's "
+                            "rows together; sort the pairs by qid first")  # fmt: skip
+        if q is not None:
+            seen[q] = int(pos[i])
+        starts.append(int(pos[i]))
+        prev = q
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _snap(bounds: list[tuple[int, int]], starts: np.ndarray) -> list[tuple[int, int]]:
+    """Ranges moved so that each begins where a question begins (a question is never split); empty ones dropped."""
+    if not len(bounds):
+        return bounds
+    lo, hi = bounds[0][0], bounds[-1][1]
+    cuts = [lo]
+    for a, _ in bounds[1:]:
+        i = int(np.searchsorted(starts, a, side="left"))
+        c = int(starts[i]) if i < len(starts) else hi
+        if c > cuts[-1] and c < hi:
+            cuts.append(c)
+    cuts.append(hi)
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a] or [(lo, hi)]
+
+
+def input_query_starts(pairs: str) -> dict[str, np.ndarray]:
+    """``query_starts`` of every input file, by resolved path."""
+    return {str(p.resolve()): query_starts(p) for p in expand_paths(pairs)}
+
+
+def plan_units(
+    pairs: str, unit_rows: int, starts: dict[str, np.ndarray] | None = None
+) -> tuple[list[WorkUnit], list[dict[str, Any]]]:
+    """The work units of an input, in a fixed order, and a fingerprint of the files they come from.
+
+    ``starts`` (``input_query_starts``): each unit boundary moves forward to where a question begins (units of
+    about ``unit_rows`` pairs that never split a question's candidates)."""
     files = expand_paths(pairs)
     units: list[WorkUnit] = []
     fingerprint = []
@@ -161,6 +263,8 @@ def plan_units(pairs: str, unit_rows: int) -> tuple[list[WorkUnit], list[dict[st
             fmt = "jsonl"
         else:
             raise DataError(f"{path}: unsupported file type (use .parquet or .jsonl)")
+        if starts is not None:
+            bounds = _snap(bounds, starts[str(path.resolve())])
         units += [WorkUnit(f"part-{fi:05d}-{ui:05d}", str(path.resolve()), fmt, s, e)
                   for ui, (s, e) in enumerate(bounds)]  # fmt: skip
     return units, fingerprint
@@ -253,13 +357,15 @@ def plan_pieces(n_units: int, actors: int, unit_rows: int, batch_size: int) -> i
     return max(1, min(-(-2 * actors // n_units), unit_rows // max(1, batch_size)))
 
 
-def unit_pieces(unit: WorkUnit, pieces: int) -> list[tuple[int, int]]:
+def unit_pieces(unit: WorkUnit, pieces: int, starts: np.ndarray | None = None) -> list[tuple[int, int]]:
     """The ``pieces`` sub-ranges [start, stop) of a unit: rows of a Parquet file, bytes of a JSONL file (lines
-    that begin in the range). Never more pieces than a Parquet unit has rows."""
+    that begin in the range). Never more pieces than a Parquet unit has rows. With ``starts`` (where questions
+    begin), the cuts move to question starts, so a piece holds whole questions (fewer pieces, if need be)."""
     span = unit.stop - unit.start
     k = max(1, min(pieces, span)) if span else 1
     step = -(-span // k) if span else 0
-    return [(unit.start + i * step, min(unit.stop, unit.start + (i + 1) * step)) for i in range(k)]
+    ranges = [(unit.start + i * step, min(unit.stop, unit.start + (i + 1) * step)) for i in range(k)]
+    return _snap(ranges, starts) if starts is not None and k > 1 else ranges
 
 
 def judge_fingerprint(judge: str) -> dict[str, Any]:
@@ -320,8 +426,15 @@ def _jsonl_rows(unit: WorkUnit) -> tuple[list[dict[str, Any]], list[tuple[int, s
             if wrong:
                 bad.append((offset, f"{wrong[0]}: not a string", repr(line[:200])))
                 continue
+            answers = obj.get("answers")
+            answers = [answers] if isinstance(answers, str) else answers
+            if answers is not None and not (
+                isinstance(answers, list) and all(isinstance(a, str) for a in answers)
+            ):
+                bad.append((offset, "answers: not a string or a list of strings", repr(line[:200])))
+                continue
             rows.append({c: (str(obj[c]) if obj.get(c) is not None else None) for c in INPUT_COLUMNS}
-                        | {"_offset": offset})  # fmt: skip
+                        | {"answers": answers, "_offset": offset})  # fmt: skip
     return rows, bad
 
 
@@ -334,7 +447,7 @@ def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
     input's files (seen: 1.15x more private memory at 1M pairs than at 100k in 8 files).
     """
     pf = pq.ParquetFile(path, buffer_size=1 << 20)  # buffered: a column chunk is not read into memory whole
-    cols = [c for c in INPUT_COLUMNS if c in pf.schema_arrow.names]
+    cols = [c for c in (*INPUT_COLUMNS, "answers") if c in pf.schema_arrow.names]
     want = max(1, stop - start)
     pieces, first = [], 0
     for g in range(pf.num_row_groups):
@@ -378,7 +491,8 @@ def read_unit(
         bad_rows: list[tuple[int, str, str]] = []
     else:
         rows, bad_rows = _jsonl_rows(unit)
-        table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in INPUT_COLUMNS})
+        table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in INPUT_COLUMNS}
+                         | {"answers": pa.array([r["answers"] for r in rows], pa.list_(pa.string()))})  # fmt: skip
         pos = np.array([r["_offset"] for r in rows], dtype=np.int64)
         line = pa.array(pos, pa.int64())  # byte offset of the line
     n_read = table.num_rows + len(bad_rows)
@@ -398,10 +512,10 @@ def read_unit(
         rejected = pa.concat_tables([rejected, T.rejected_rows("pairs", source, bad_rows)])
     texts, clipped = _clip(good.column("text").to_pylist(), max_chars)
     good = good.set_column(good.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
-    for c in ("title", "url"):
+    for c, t in (("title", pa.string()), ("url", pa.string()), ("answers", pa.list_(pa.string()))):
         if c not in good.column_names:
-            good = good.append_column(c, pa.nulls(good.num_rows, pa.string()))
-    good = good.select(list(INPUT_COLUMNS)).append_column("_clipped", pa.array(clipped, pa.bool_()))
+            good = good.append_column(c, pa.nulls(good.num_rows, t))
+    good = good.select([*INPUT_COLUMNS, "answers"]).append_column("_clipped", pa.array(clipped, pa.bool_()))
     return good, rejected, n_read
 
 
@@ -414,7 +528,7 @@ def _piece_file(unit: str, piece: int, first: int, n: int) -> str:
     return f"{PIECES}/{unit}/p{piece:04d}-{first:08d}-{n:08d}.parquet"
 
 
-def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
+def read_units(batch: pa.Table, out: str, max_chars: int, table: str = "judgments") -> pa.Table:
     """Ray Data map_batches fn (tasks): piece descriptors -> their good pairs, tagged with unit and piece.
 
     Bad rows are written to ``rejected/`` here (a piece's to ``_pieces/<unit>/``), before the unit's judgments
@@ -438,9 +552,9 @@ def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
         if n == 0:
             meta = {"unit": unit.name, "read": n_read, "judged": 0}
             if pieces == 1:
-                _write_atomic(_empty_judgments(0), Path(out) / f"{unit.name}.parquet", meta)
+                _write_atomic(_empty_judgments(0, table), Path(out) / f"{unit.name}.parquet", meta)
             else:
-                _write_atomic(_empty_judgments(0), Path(out) / _piece_file(unit.name, piece, 0, 0),
+                _write_atomic(_empty_judgments(0, table), Path(out) / _piece_file(unit.name, piece, 0, 0),
                               {**meta, "piece": piece, "expect": 0, "rejected": rejected.num_rows})  # fmt: skip
             continue
         tags = {"_unit": pa.array([unit.name] * n, pa.string()), "_piece": pa.array([piece] * n, pa.int32()),
@@ -456,9 +570,8 @@ def read_units(batch: pa.Table, out: str, max_chars: int) -> pa.Table:
 #: The bookkeeping columns a pair carries from the reader to the writer (the judge passes them through).
 _TAGS = pa.schema([("_unit", pa.string()), ("_piece", pa.int32()), ("_pieces", pa.int32()), ("_pos", pa.int64()),
                    ("_expect", pa.int64()), ("_read", pa.int64()), ("_rejected", pa.int64())])  # fmt: skip
-_READ_SCHEMA = pa.schema(
-    [*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("_clipped", pa.bool_()), *_TAGS]
-)
+_READ_SCHEMA = pa.schema([*(pa.field(c, pa.string()) for c in INPUT_COLUMNS), ("answers", pa.list_(pa.string())),
+                          ("_clipped", pa.bool_()), *_TAGS])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ judge
@@ -503,9 +616,120 @@ class JudgeActor:
         )
 
 
-def _empty_judgments(n: int) -> pa.Table:
-    schema = T.JUDGMENTS.schema(["truncated", "n_tokens"])
+def _empty_judgments(n: int, table: str = "judgments") -> pa.Table:
+    schema = UTILITY_SCHEMA if table == "utility" else T.JUDGMENTS.schema(["truncated", "n_tokens"])
     return pa.table({f.name: pa.nulls(n, f.type) for f in schema}, schema=schema)
+
+
+UTILITY_SCHEMA = T.UTILITY.schema([c.name for c in T.UTILITY.optional])
+
+
+class UtilityActor:
+    """Ray Data map_batches callable class: utility annotation of whole questions (models/utility.py).
+
+    A block holds whole questions (units and pieces are cut at question starts), so every stage of a question
+    (RelSel, pseudo answer, UtilSel / UtilRank) runs here, in order, with no shuffle in between. Rows come out in
+    the order they came in, each with the ``_TAGS`` passed through.
+    """
+
+    def __init__(self, model: str, mode: str, prompts: dict[str, Any], dtype: str, batch_size: int, threads: int,
+                 max_batch_tokens: int | None = None, device: str = "auto", seed: int = 0,
+                 min_utility: float = 0.0, answer_source: str = "auto"):  # fmt: skip
+        import torch
+
+        from models.loading import load_causal_lm
+        from models.utility import UtilityAnnotator, UtilityPrompts
+
+        torch.set_num_threads(threads)
+        self.lm = load_causal_lm(model, dtype=dtype, device=device)
+        p = UtilityPrompts(**prompts)
+        self.mode = mode
+        self.annotator = UtilityAnnotator(self.lm.model, self.lm.tokenizer, p, batch_size=batch_size,
+                                          max_batch_tokens=max_batch_tokens, seed=seed, min_utility=min_utility,
+                                          answer_source=answer_source, likelihood_top_fraction=p.top_fraction)  # fmt: skip
+        self.name = model
+        self.actor = f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from models.utility import Candidate, Question
+
+        t0 = time.perf_counter()
+        rows = batch.select(["qid", "docid", "query", "text", "title", "answers"]).to_pylist()
+        questions: list[Question] = []
+        for r in rows:
+            if not questions or questions[-1].qid != r["qid"]:
+                answers = [a for a in (r["answers"] or []) if a and a.strip()]
+                questions.append(Question(r["qid"], r["query"], [], answers[0] if answers else None))
+            questions[-1].candidates.append(Candidate(r["docid"], r["text"] or "", r["title"]))
+        results = self.annotator.annotate(questions, self.mode)
+        out = utility_table(questions, results, self.mode, self.name, self.annotator.prompt_version)
+        clipped = batch.column("_clipped").to_numpy(zero_copy_only=False)
+        out = out.set_column(out.schema.get_field_index("truncated"), "truncated",
+                             pc.or_(out.column("truncated"), pa.array(clipped)))  # fmt: skip
+        busy, n = time.perf_counter() - t0, out.num_rows
+        for c in _TAGS.names:
+            out = out.append_column(c, batch.column(c))
+        return out.append_column("_actor", pa.array([self.actor] * n, pa.string())).append_column(
+            "_busy_s", pa.array([busy / max(1, n)] * n, pa.float64())
+        )
+
+
+def utility_table(questions, results, mode: str, annotator: str, prompt_version: str) -> pa.Table:
+    """The utility table of annotated questions, one row per candidate, in input order."""
+    cols: dict[str, list] = defaultdict(list)
+    for q, res in zip(questions, results, strict=True):
+        for c, r in zip(q.candidates, res.passages, strict=True):
+            cols["qid"].append(q.qid)
+            cols["docid"].append(c.docid)
+            cols["selected"].append(bool(r.selected))
+            cols["rank"].append(r.rank)
+            cols["utility"].append(r.utility)
+            cols["pseudo_answer"].append(res.pseudo_answer)
+            cols["relevant"].append(r.relevant)
+            cols["truncated"].append(bool(r.truncated))
+            cols["windows"].append(json.dumps(r.windows, separators=(",", ":")) if r.windows else None)
+            cols["note"].append("; ".join(r.notes) or None)
+    n = len(cols["qid"])
+    cols["mode"], cols["annotator"], cols["prompt_version"] = (
+        [mode] * n,
+        [annotator] * n,
+        [prompt_version] * n,
+    )
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in UTILITY_SCHEMA}, schema=UTILITY_SCHEMA)
+
+
+def utility_stats(table: pa.Table) -> dict[str, Any]:
+    """Counts of a utility partition, for the manifest: questions, passages, selected, and per stage the windows
+    (pseudo answers) run and how many showed each kind of failure. Each window counted once (its passages all
+    carry it)."""
+    stats: dict[str, Any] = {"questions": 0, "passages": table.num_rows, "selected": 0, "stages": {}}
+    if not table.num_rows or "windows" not in table.column_names:
+        return stats
+    stats["questions"] = len(pc.unique(table.column("qid")))
+    stats["selected"] = int(pc.sum(pc.cast(table.column("selected"), pa.int64())).as_py() or 0)
+    seen: set[tuple[str, str, int]] = set()
+    stages: dict[str, Counter] = defaultdict(Counter)
+    for qid, w in zip(table.column("qid").to_pylist(), table.column("windows").to_pylist(), strict=True):
+        for e in json.loads(w) if w else []:
+            key = (qid, e["stage"], e.get("window", 0))
+            if key in seen:
+                continue
+            seen.add(key)
+            stages[e["stage"]]["windows"] += 1
+            for kind in ("no_bracket", "truncated", "out_of_range", "duplicates", "empty"):
+                if e.get(kind):
+                    stages[e["stage"]][kind] += 1
+    stats["stages"] = {k: dict(v) for k, v in stages.items()}
+    return stats
+
+
+def _merge_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for k in ("questions", "passages", "selected"):
+        total[k] = total.get(k, 0) + part.get(k, 0)
+    for stage, counts in part.get("stages", {}).items():
+        mine = total.setdefault("stages", {}).setdefault(stage, {})
+        for kind, n in counts.items():
+            mine[kind] = mine.get(kind, 0) + n
 
 
 # ------------------------------------------------------------------------------------------ write
@@ -538,8 +762,11 @@ def write_units(batch: pa.Table, out: str) -> pa.Table:
                                                                                     "_rejected"))  # fmt: skip
         judged = rows.drop_columns([*_TAGS.names, "_actor", "_busy_s"])
         if n_pieces == 1 and rows.num_rows == expect:
-            _write_atomic(judged.take(pc.sort_indices(rows.column("_pos"))), Path(out) / f"{name}.parquet",
-                          {"unit": name, "read": n_read, "judged": expect})  # fmt: skip
+            part = judged.take(pc.sort_indices(rows.column("_pos")))
+            meta = {"unit": name, "read": n_read, "judged": expect}
+            if "windows" in part.column_names:
+                meta["utility"] = utility_stats(part)
+            _write_atomic(part, Path(out) / f"{name}.parquet", meta)
             fragment = ""
         else:
             start = int(pc.min(rows.column("_pos")).as_py())
@@ -551,6 +778,7 @@ def write_units(batch: pa.Table, out: str) -> pa.Table:
         summary["piece"].append(piece)
         summary["pieces"].append(n_pieces)
         summary["judged"].append(rows.num_rows)
+        summary["questions"].append(len(pc.unique(rows.column("qid"))))
         summary["expect"].append(expect)
         summary["read"].append(n_read)
         summary["rejected"].append(n_rejected)
@@ -595,7 +823,7 @@ def _find_empty_pieces(out: Path, name: str, asm: _Assembly) -> None:
                 asm.add(p, _piece_file(name, p, 0, 0), 0, meta["read"], meta["rejected"])
 
 
-def assemble_unit(out: Path, name: str, asm: _Assembly) -> None:
+def assemble_unit(out: Path, name: str, asm: _Assembly, table: str = "judgments") -> None:
     """A unit's partition from its fragments: rows in piece and row order, each once; the pieces' rejected rows
     first (as a one-piece unit's reader writes them before its judgments)."""
     tables = [_tag_piece(pq.read_table(out / f), p) for p, files in sorted(asm.fragments.items()) for f in files
@@ -606,7 +834,7 @@ def assemble_unit(out: Path, name: str, asm: _Assembly) -> None:
         keep = ~T.duplicate_mask(rows, ["_piece", "_pos"])  # a retried task's copy of rows already written
         rows = rows.filter(pa.array(keep)).drop_columns(["_piece", "_pos"])
     else:
-        rows = _empty_judgments(0)
+        rows = _empty_judgments(0, table)
     if rows.num_rows != expect:
         raise DataError(f"unit {name}: {rows.num_rows} judged rows in its fragments, {expect} expected")
     if asm.pieces > 1:
@@ -615,9 +843,10 @@ def assemble_unit(out: Path, name: str, asm: _Assembly) -> None:
         if rejected:
             _write_atomic(pa.concat_tables(rejected).replace_schema_metadata(None),
                           out / "rejected" / f"{name}.parquet", {"unit": name})  # fmt: skip
-    _write_atomic(
-        rows, out / f"{name}.parquet", {"unit": name, "read": sum(asm.read.values()), "judged": expect}
-    )
+    meta = {"unit": name, "read": sum(asm.read.values()), "judged": expect}
+    if "windows" in rows.column_names:
+        meta["utility"] = utility_stats(rows)
+    _write_atomic(rows, out / f"{name}.parquet", meta)
     shutil.rmtree(out / PIECES / name, ignore_errors=True)
 
 
@@ -647,21 +876,25 @@ def estimate_pairs(units: list[WorkUnit], sample_bytes: int = 1 << 18) -> int:
 
 
 class _LogProgress:
-    """Progress for logs (a Ray job, a pod, nohup): one line every ``every`` seconds instead of a redrawn bar."""
+    """Progress for logs (a Ray job, a pod, nohup): one line every ``every`` seconds instead of a redrawn bar.
+    Utility modes also count questions (their natural grain: a question's windows run together)."""
 
-    def __init__(self, total: int | None, every: float = 30.0):
-        self.total, self.every, self.n = total, every, 0
+    def __init__(self, total: int | None, every: float = 30.0, what: str = "pairs", questions: bool = False):
+        self.total, self.every, self.n, self.q = total, every, 0, 0
+        self.what, self.questions = what, questions
         self.start = self.last = time.perf_counter()
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, questions: int = 0) -> None:
         self.n += n
+        self.q += questions
         now = time.perf_counter()
         if now - self.last >= self.every:
             self.last = now
             rate = self.n / (now - self.start)
             left = f", about {(self.total - self.n) / rate / 60:.0f} min left" if self.total and rate else ""
             of = f" / {self.total:,}" if self.total else ""
-            print(f"annotating: {self.n:,}{of} pairs, {rate:.1f} pairs/s{left}", flush=True)
+            q = f", {self.q:,} questions ({self.q / (now - self.start):.2f}/s)" if self.questions else ""
+            print(f"annotating: {self.n:,}{of} {self.what}, {rate:.1f} {self.what}/s{q}{left}", flush=True)
 
     def __enter__(self) -> _LogProgress:
         return self
@@ -670,15 +903,38 @@ class _LogProgress:
         pass
 
 
-def progress(total: int | None):
+class _BarProgress:
+    """A tqdm bar over pairs (passages), with questions and questions/s beside it in utility modes."""
+
+    def __init__(self, total: int | None, what: str, questions: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="annotating", unit=f" {what}", smoothing=0.1)
+        self.questions, self.q, self.start = questions, 0, time.perf_counter()
+
+    def update(self, n: int, questions: int = 0) -> None:
+        self.q += questions
+        if self.questions:
+            rate = self.q / max(1e-9, time.perf_counter() - self.start)
+            self.bar.set_postfix_str(f"{self.q:,} questions, {rate:.2f} questions/s", refresh=False)
+        self.bar.update(n)
+
+    def __enter__(self) -> _BarProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def progress(total: int | None, mode: str = "relevance"):
     """A tqdm bar on a terminal; periodic log lines otherwise (a redrawn bar is unreadable in job logs)."""
     import sys
 
-    from tqdm.auto import tqdm
-
+    utility = mode != "relevance"
+    what = "passages" if utility else "pairs"
     if sys.stderr.isatty():
-        return tqdm(total=total, desc="annotating", unit=" pairs", smoothing=0.1)
-    return _LogProgress(total)
+        return _BarProgress(total, what, utility)
+    return _LogProgress(total, what=what, questions=utility)
 
 
 @dataclass(frozen=True)
@@ -767,33 +1023,39 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources, read_first: bool 
     from models.judge_card import JudgeCard, is_judge_dir
     from models.loading import device_for_gpus
 
-    max_chars = CHARS_PER_TOKEN_BOUND * cfg.max_doc_tokens
-    if is_judge_dir(cfg.judge):
+    max_chars = CHARS_PER_TOKEN_BOUND * (cfg.passage_tokens if cfg.utility else cfg.max_doc_tokens)
+    if not cfg.utility and is_judge_dir(cfg.judge):
         max_chars = CHARS_PER_TOKEN_BOUND * JudgeCard.load(cfg.judge).max_doc_tokens
     # Reads and writes run in a pool of IO_TASK_POOL tasks: uncapped, Ray Data launches as many 0.1-CPU tasks as
     # fit (20 on 2 CPUs), each in its own worker process, and private memory grew with the input (1.18x from 100k
     # to 1M pairs) although every unit streams.
     io = ray.data.TaskPoolStrategy(size=IO_TASK_POOL)
     ds = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=IO_TASK_CPUS, compute=io,
-                           fn_kwargs={"out": str(Path(cfg.out).resolve()), "max_chars": max_chars})  # fmt: skip
+                           fn_kwargs={"out": str(Path(cfg.out).resolve()), "max_chars": max_chars,
+                                      "table": output_table(cfg)})  # fmt: skip
     if read_first:
         ds = ds.materialize()
     if res.concurrency[0] > 1:
         ds.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    if cfg.utility:
+        actor, kwargs = UtilityActor, {
+            "model": cfg.judge, "mode": cfg.mode, "prompts": asdict(cfg.utility_prompts()), "seed": cfg.seed,
+            "min_utility": cfg.min_utility, "answer_source": cfg.answer_source}  # fmt: skip
+    else:
+        actor, kwargs = JudgeActor, {"judge": cfg.judge, "template": cfg.template,
+                                     "max_doc_tokens": cfg.max_doc_tokens, "compile": cfg.compile}  # fmt: skip
     ds = ds.map_batches(
-        JudgeActor,
-        batch_size=None,  # a whole block (a unit, a piece of one, or part of one Ray Data split) per call
+        actor,
+        # a whole block (a unit or a piece of one) per call: for the utility modes, whole questions
+        batch_size=None,
         batch_format="pyarrow",
         fn_constructor_kwargs={
-            "judge": cfg.judge,
+            **kwargs,
             "device": device_for_gpus(res.num_gpus),
-            "template": cfg.template,
-            "max_doc_tokens": cfg.max_doc_tokens,
             "dtype": cfg.dtype,
             "batch_size": res.batch_size,
             "threads": res.threads,
             "max_batch_tokens": res.max_batch_tokens,
-            "compile": cfg.compile,
         },
         # Ray Data restarts a dead actor and retries its task without limit (a preempted node must not fail a
         # day-long job); an actor whose constructor keeps failing (a bad judge path) fails the job after
@@ -804,6 +1066,23 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources, read_first: bool 
     )
     return ds.map_batches(write_units, batch_size=None, batch_format="pyarrow", num_cpus=IO_TASK_CPUS, compute=io,
                           fn_kwargs={"out": str(Path(cfg.out).resolve())})  # fmt: skip
+
+
+def output_table(cfg: AnnotateConfig) -> str:
+    return "utility" if cfg.utility else "judgments"
+
+
+def check_block_bound(cfg: AnnotateConfig, target_max_block_size: int | None) -> None:
+    """Refuse units Ray Data could split: it cuts a block larger than ``target_max_block_size`` between calls,
+    and a listwise actor given part of a question would annotate it from part of its candidates."""
+    if not cfg.utility or not target_max_block_size:
+        return
+    per_row = CHARS_PER_TOKEN_BOUND * cfg.passage_tokens + 2048  # passage bound + query, ids, answers
+    if cfg.unit_rows * per_row > target_max_block_size:
+        most = target_max_block_size // per_row
+        raise ConfigError(f"unit_rows: {cfg.unit_rows} rows of up to {per_row:,} bytes may exceed Ray Data's "
+                          f"target_max_block_size ({target_max_block_size:,} bytes), which would split a question "
+                          f"between actors: use at most {most}")  # fmt: skip
 
 
 def done_units(out: Path) -> set[str]:
@@ -866,7 +1145,9 @@ def run(cfg: AnnotateConfig) -> StageResult:
     out = Path(cfg.out)
     init_ray()
     with Timer() as timer:
-        units, inputs = plan_units(cfg.pairs, cfg.unit_rows)
+        starts = input_query_starts(cfg.pairs) if cfg.utility else None
+        units, inputs = plan_units(cfg.pairs, cfg.unit_rows, starts)
+        check_block_bound(cfg, ray.data.DataContext.get_current().target_max_block_size)
         res = actor_resources(cfg)
         if cfg.autoscaling_cluster:
             log.info("autoscaling cluster: judge pool %s, each %g CPU / %g GPU, whatever is up now",
@@ -880,11 +1161,13 @@ def run(cfg: AnnotateConfig) -> StageResult:
         from models.judge_card import is_judge_dir
 
         # a judge directory's card fixes its prompt; template and max_doc_tokens apply to a base model only
-        prompt = (
-            None
-            if is_judge_dir(cfg.judge)
-            else {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens}
-        )
+        if cfg.utility:
+            prompt = {"mode": cfg.mode, "prompt_version": cfg.utility_prompts().version, "seed": cfg.seed,
+                      "min_utility": cfg.min_utility, "answer_source": cfg.answer_source}  # fmt: skip
+        elif is_judge_dir(cfg.judge):
+            prompt = None
+        else:
+            prompt = {"template": cfg.template, "max_doc_tokens": cfg.max_doc_tokens}
         duplicates = find_duplicates(units)
         pieces = plan_pieces(len(units), res.concurrency[1], cfg.unit_rows, res.batch_size)
         plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
@@ -901,13 +1184,14 @@ def run(cfg: AnnotateConfig) -> StageResult:
         descriptors = [
             {"name": u.name, "path": u.path, "fmt": u.fmt, "piece": i, "pieces": len(ranges), "piece_start": a,
              "piece_stop": b, "drop": json.dumps({p: r for p, r in duplicates.get(u.name, {}).items() if a <= p < b})}
-            for u in pending for ranges in [unit_pieces(u, pieces)] for i, (a, b) in enumerate(ranges)
+            for u in pending for ranges in [unit_pieces(u, pieces, starts[u.path] if starts else None)]
+            for i, (a, b) in enumerate(ranges)
         ]  # fmt: skip
         assembling: dict[str, _Assembly] = {}
         assembled: set[str] = set()
         per_actor: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         t_start = time.perf_counter()
-        judged_now = 0
+        judged_now = questions_now = 0
         # Start-up (Ray Data, actors loading the model) is paid once per run: the rate after the first batch of
         # finished units is what a long run sees.
         t_first = t_last = None
@@ -918,7 +1202,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
             units_ds = ray.data.from_items(descriptors, override_num_blocks=len(descriptors))
             ds = transform(units_ds, cfg, res, read_first=pieces > 1)
             est = estimate_pairs(pending) or None
-            with progress(est) as bar:
+            with progress(est, cfg.mode) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     t_last = time.perf_counter()
                     if t_first is None:
@@ -927,7 +1211,8 @@ def run(cfg: AnnotateConfig) -> StageResult:
                         per_actor[row["actor"]][0] += row["judged"]
                         per_actor[row["actor"]][1] += row["busy_s"]
                         judged_now += row["judged"]
-                        bar.update(row["judged"])
+                        questions_now += row["questions"]
+                        bar.update(row["judged"], row["questions"])
                         name = row["unit"]
                         if row["fragment"] and name not in assembled:
                             asm = assembling.setdefault(name, _Assembly.empty(row["pieces"]))
@@ -935,7 +1220,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
                                 row["piece"], row["fragment"], row["expect"], row["read"], row["rejected"]
                             )
                             if asm.complete():
-                                assemble_unit(out, name, assembling.pop(name))
+                                assemble_unit(out, name, assembling.pop(name), output_table(cfg))
                                 assembled.add(name)
             # units cut into pieces whose last pieces held no good pair: their readers left empty fragments
             n_pieces = {d["name"]: d["pieces"] for d in descriptors}
@@ -945,19 +1230,28 @@ def run(cfg: AnnotateConfig) -> StageResult:
                 asm = assembling.pop(name, None) or _Assembly.empty(n_pieces[name])
                 _find_empty_pieces(out, name, asm)
                 if asm.complete():
-                    assemble_unit(out, name, asm)
+                    assemble_unit(out, name, asm, output_table(cfg))
                     assembled.add(name)
         run_s = time.perf_counter() - t_start
-        counts, missing, mismatched = _account(out, units)
+        counts, missing, mismatched, utility = _account(out, units)
     if missing and not cfg.limit_units:
         raise DataError(f"{len(missing)} units have no output after the run (first: {missing[0]}): run again "
                         "with --resume")  # fmt: skip
     if mismatched:
         raise DataError(f"units whose judged + rejected rows differ from the rows read: {mismatched[:5]}")
     card = _card_dict(cfg.judge)
+    extra: dict[str, Any] = {}
+    if cfg.utility:
+        windows = sum(v.get("windows", 0) for k, v in utility.get("stages", {}).items() if k != "answer")
+        failed = sum(v.get("no_bracket", 0) for v in utility.get("stages", {}).values())
+        extra = {"mode": cfg.mode, "prompt_version": cfg.utility_prompts().version, "utility": utility,
+                 "parse_fail_rate": round(failed / windows, 4) if windows else None,
+                 "questions_per_s": round(questions_now / run_s, 4) if questions_now and run_s > 0 else None,
+                 "passages_per_s": round(judged_now / run_s, 3) if judged_now and run_s > 0 else None}  # fmt: skip
     return write_stage_files(
         out, "annotate", cfg, counts, [cfg.pairs], timer.seconds,
-        {"table": "judgments", "judge_card": card, "resources": asdict(res), "units": len(units),
+        {"table": output_table(cfg), **extra, "judge_card": None if cfg.utility else card,
+         "resources": asdict(res), "units": len(units),
          "units_this_run": len(pending), "units_missing": len(missing),
          "pairs_per_s": round(judged_now / run_s, 3) if judged_now and run_s > 0 else None,
          "steady_pairs_per_s": round((judged_now - judged_first) / (t_last - t_first), 3)
@@ -969,10 +1263,12 @@ def run(cfg: AnnotateConfig) -> StageResult:
     )  # fmt: skip
 
 
-def _account(out: Path, units: list[WorkUnit]) -> tuple[dict[str, int], list[str], list[str]]:
-    """Counts from the partitions' own metadata: every pair read is judged or rejected, exactly once."""
+def _account(out: Path, units: list[WorkUnit]) -> tuple[dict[str, int], list[str], list[str], dict[str, Any]]:
+    """Counts from the partitions' own metadata: every pair read is judged or rejected, exactly once; and the
+    utility partitions' stage counts summed (those of units run before a resume included)."""
     counts = {"pairs_in": 0, "judged": 0, "rejected": 0}
     missing, mismatched = [], []
+    utility: dict[str, Any] = {}
     for u in units:
         part = out / f"{u.name}.parquet"
         if not part.exists():
@@ -983,11 +1279,13 @@ def _account(out: Path, units: list[WorkUnit]) -> tuple[dict[str, int], list[str
         rej_path = out / "rejected" / f"{u.name}.parquet"
         rejected = pq.ParquetFile(rej_path).metadata.num_rows if rej_path.exists() else 0
         counts["pairs_in"] += meta["read"]
+        if "utility" in meta:
+            _merge_stats(utility, meta["utility"])
         counts["judged"] += judged
         counts["rejected"] += rejected
         if judged + rejected != meta["read"]:
             mismatched.append(u.name)
-    return counts, missing, mismatched
+    return counts, missing, mismatched, utility
 
 
 def _card_dict(judge: str) -> dict[str, Any]:

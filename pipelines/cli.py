@@ -218,9 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         "units of --unit-rows pairs; each unit's judgments are written atomically to one partition named after "
         "it, and its bad rows to OUT/rejected/ with a reason, so every pair is judged or rejected exactly once. "
         "After a crash or Ctrl-C, --resume runs only the missing units; the result equals an uninterrupted run. "
-        "Defaults for the pool come from --profile (see `augrel cluster profile`).",
+        "Defaults for the pool come from --profile (see `augrel cluster profile`). "
+        "--mode relsel | utility-sel | utility-rank | answer-likelihood runs paper 2's utility annotation "
+        "instead (listwise windows of each question's candidates, a pseudo answer, then a utility selection or "
+        "ranking; or log P(answer | q, p) - log P(answer | q) per pair) and writes a utility table, the "
+        "`utility` label source of `augrel retriever train`. Then work units hold whole questions: the pairs of "
+        "a question must be contiguous in the input.",
     )
-    p.add_argument("--judge", help="judge directory from `augrel judge finetune`, or a base model")
+    p.add_argument("--mode", choices=["relevance", "relsel", "utility-sel", "utility-rank", "answer-likelihood"],
+                   help="what to annotate (default relevance: the judge grades each pair)")  # fmt: skip
+    p.add_argument("--judge", help="judge directory from `augrel judge finetune`, or a base model (utility "
+                   "modes: the causal LM that annotates; default gemma3-270m)")  # fmt: skip
     p.add_argument("--pairs", help="pairs: table directory, Parquet/JSONL file, or glob")
     p.add_argument("--out", help="output directory for the judgments table")
     p.add_argument("--resume", action="store_true", default=None, help="finish the interrupted run in OUT")
@@ -231,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float)
     p.add_argument("--num-cpus-per-actor", type=float)
     p.add_argument("--unit-rows", type=int, help="pairs per work unit (progress, retry and resume grain)")
+    p.add_argument("--window", type=int, help="utility modes: passages per listwise prompt (default 16)")
+    p.add_argument("--answer-source", choices=["auto", "gold", "pseudo"],
+                   help="answer-likelihood: the pairs' gold answers (auto: when present) or a pseudo answer")  # fmt: skip
     _add_config_args(p)
 
     # ------------------------------------------------------------------ rank
@@ -600,11 +611,20 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     cfg = load_config(AnnotateConfig, a.config, a.overrides, judge=a.judge, pairs=a.pairs, out=a.out,
                       resume=a.resume, overwrite=a.overwrite, profile=a.profile, concurrency=concurrency,
                       batch_size=a.batch_size, num_gpus_per_actor=a.num_gpus_per_actor,
-                      num_cpus_per_actor=a.num_cpus_per_actor, unit_rows=a.unit_rows)  # fmt: skip
+                      num_cpus_per_actor=a.num_cpus_per_actor, unit_rows=a.unit_rows, mode=a.mode,
+                      window=a.window, answer_source=a.answer_source)  # fmt: skip
     info = init_ray(a.address, quiet=not a.verbose)
     print(f"ray: {info['nodes']} node(s), {int(info['resources'].get('CPU', 0))} CPU(s) at {info['address']}")
     r = run(cfg)
     print(r.summary())
+    if r.extra.get("mode"):
+        u = r.extra["utility"]
+        stages = "; ".join(f"{k}: " + ", ".join(f"{n} {kind}" for kind, n in v.items())
+                           for k, v in u.get("stages", {}).items())  # fmt: skip
+        print(f"{r.extra['mode']}: {u.get('selected', 0):,} of {u.get('passages', 0):,} passages selected over "
+              f"{u.get('questions', 0):,} questions; {r.extra['questions_per_s']} questions/s, "
+              f"{r.extra['passages_per_s']} passages/s; parse failures {r.extra['parse_fail_rate']} of windows"
+              f"{' (' + stages + ')' if stages else ''}")  # fmt: skip
     rate = ", ".join(f"{k}: {v}" for k, v in r.extra["pairs_per_s_per_actor"].items())
     print(f"{r.extra['units_this_run']} of {r.extra['units']} units run now; {r.extra['pairs_per_s']} pairs/s "
           f"({rate or 'no actor ran'})")  # fmt: skip
