@@ -30,8 +30,9 @@ precision and recall over the positives), and the mean over questions (a questio
 precision 0); the F1 95% interval is a percentile bootstrap over questions. Positives per question; parse failures
 per listwise stage (windows whose output holds no bracketed index / windows); seconds, questions/s and pairs/s.
 
-Cost here (2 cores): answer-likelihood ~3 s a question, each listwise stage ~10-25 s a question (the 270M model
-counts [1],[2],... up to the token bound). --quick: 20 questions (about 20 minutes); default 100.
+Cost here (2 shared cores, --quick): answer-likelihood ~7 s a question, RelSel, UtilSel and UtilRank ~15 s a
+question each (the 270M model counts [1],[2],... up to the token bound), the pseudo answer ~5 s: about 75 s a
+question in all. --quick: 20 questions (about 25 minutes); default 100 (about 2 hours).
 
 Last line: ``RESULT p_relsel=.. r_relsel=.. p_utilsel=.. r_utilsel=.. p_utilrank=.. r_utilrank=.. f1_answerlik=..
 f1_cosine_top2=.. parse_fail_rate=.. questions_per_s=..`` (f1_answerlik: the better answer-likelihood row with
@@ -240,12 +241,12 @@ def main() -> None:
     from retrieval.bm25 import BM25Index
 
     print(f"baselines on {n} questions", flush=True)
-    t0 = time.perf_counter()
     encoder = BiEncoder(dtype="auto")
+    t0 = time.perf_counter()
     qv = encoder.encode_queries([q.query for q in questions])
     pv = encoder.encode_passages([c.text for q in questions for c in q.candidates]).reshape(n, PARAGRAPHS, -1)
     rows.append(Row("MiniLM cosine top-2", [top_k(pv[i] @ qv[i]) for i in range(n)], gold,
-                    time.perf_counter() - t0, note="knows 2 positives; seconds include loading"))  # fmt: skip
+                    time.perf_counter() - t0, note="knows 2 positives"))  # fmt: skip
     t0 = time.perf_counter()
     bm25 = []
     for q in questions:
