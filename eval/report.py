@@ -300,8 +300,28 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:.4em 0;display:block}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:85%}.missing{color:#888}h2{border-bottom:1px solid #ddd}"""
 
+
+def utility_section(run: Path) -> str:
+    """Utility annotation (paper 2): each mode against the human positives of held-out questions, beside the
+    relevance judge and top-k baselines, and how often the annotator's replies failed to parse."""
+    summary = _json(run / "utility-eval" / "summary.json")
+    if not summary:
+        return _missing("utility annotation (pipeline section `utility`)")
+    out = [f"<p>{html.escape(summary['caption'])}</p>"]
+    out.append(_table([[r["what"], r["precision"], r["recall"], r["f1"], r["f1_per_question"], _ci(r["f1_ci"]),
+                        r["positives_per_question"]] for r in summary["rows"].values()],
+                      ["labels", "P", "R", "F1", "F1 per question", "95% CI", "positives / question"]))  # fmt: skip
+    out.append(_table([[m, a.get("parse_fail_rate"), a.get("questions_per_s"), a.get("passages_per_s"),
+                        html.escape(str(a.get("prompt_version")))] for m, a in summary["annotation"].items()],
+                      ["mode", "parse failures (of windows)", "questions/s", "passages/s", "prompt"]))  # fmt: skip
+    if (run / "utility-eval" / "f1.png").exists():
+        out.append(_img(run / "utility-eval" / "f1.png", "F1 per question of each utility label source"))
+    return "".join(out)
+
+
 SECTIONS = [("Data", data_section), ("Judge", judge_section), ("Annotation", annotation_section),
-            ("Ranking", ranking_section), ("Retrieval and serving", serving_section), ("Configs", configs_section)]  # fmt: skip
+            ("Utility annotation", utility_section), ("Ranking", ranking_section),
+            ("Retrieval and serving", serving_section), ("Configs", configs_section)]  # fmt: skip
 
 
 def render(run: str | Path, title: str | None = None) -> str:

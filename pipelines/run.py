@@ -74,6 +74,17 @@ class ServeSection(_Section):
     settings: dict[str, Any] = Field(default_factory=dict, description="augrel serve settings")
 
 
+class UtilitySection(_Section):
+    modes: list[Literal["relsel", "utility-sel", "utility-rank", "answer-likelihood"]] = Field(
+        default_factory=lambda: ["utility-sel", "answer-likelihood"],
+        description="augrel annotate modes run (RelSel's verdict comes with every listwise mode)",
+    )
+    questions: int | None = Field(8, gt=0, description="the first N held-out questions by qid (null: all)")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="augrel annotate settings (window, ...)"
+    )
+
+
 class PipelineConfig(StageConfig):
     """``augrel run``: where the run lives, the data, and one section per stage."""
 
@@ -104,6 +115,11 @@ class PipelineConfig(StageConfig):
         default_factory=dict,
         description="augrel retriever train settings (default labels: human positives of the train split's "
         "queries, judge positives of the pool's other queries); null: no retriever stages",
+    )
+    utility: UtilitySection | None = Field(
+        None,
+        description="utility annotation (paper 2) of a sample of the held-out questions, each mode scored "
+        "against their human positives beside the relevance judge and top-k baselines; null: not run",
     )
     serve: ServeSection = ServeSection()
     tracking: TrackingSection = TrackingSection()
@@ -145,8 +161,8 @@ SPLITS_USE = {
     "val": "judge checkpoint selection, cut-points and stacking; rankers' human labels; its unlabelled "
     "candidates judged for the rankers; the retriever's validation (it never trains on these queries)",
     "unlabelled": "no human label: its candidates judged for the rankers and the retriever",
-    "test": "scoring: the judge's agreement, every ranker's metrics and the retrievers' full-corpus metrics, with "
-    "human labels; the augmentation experiment alone trains on it, in cross-validation folds scored apart (its "
+    "test": "scoring: the judge's agreement, every ranker's metrics, the retrievers' full-corpus metrics and the "
+    "utility annotation's precision / recall (the candidates of a sample of its questions), with human labels; the augmentation experiment alone trains on it, in cross-validation folds scored apart (its "
     "own table says so)",
 }
 
@@ -409,6 +425,77 @@ def _serve(p, out, resume):
     ]
 
 
+class UtilitySampleConfig(StageConfig):
+    """The questions the utility stage annotates: the retrieved candidates of the first ``questions`` held-out
+    queries (by qid) that have a human positive among them (all such queries: null). Retrieved candidates are
+    what a team annotates; the held-out queries' human labels then score the annotation."""
+
+    candidates: str
+    queries: str
+    questions: int | None = None
+    min_grade: int = 2
+    out: str
+
+
+def _utility(p, out, resume):
+    from pipelines.annotate import AnnotateConfig
+
+    sample = UtilitySampleConfig(candidates=str(out / "candidates"),
+                                 queries=str(out / "splits" / p.annotate_split / "queries"),
+                                 questions=p.utility.questions, out=str(out / "utility" / "pairs"))  # fmt: skip
+    wired = [{"pairs": sample.out, "out": str(out / "utility" / m), "mode": m, "resume": resume,
+              "overwrite": not resume} for m in p.utility.modes]  # fmt: skip
+    return [sample] + [_cfg(AnnotateConfig, "utility.settings", p.utility.settings, w) for w in wired]
+
+
+def _run_utility(cfgs):
+    """Write the sample (each question's candidates together, in qid order), then annotate it in each mode."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.annotate import run as annotate
+    from pipelines.io import read_table
+
+    sample, *modes = cfgs
+    held = set(read_table(sample.queries).column("qid").to_pylist())
+    cands = read_table(sample.candidates)
+    cands = cands.filter(pc.is_in(cands.column("qid"), value_set=pa.array(sorted(held), pa.string())))
+    positive = pc.fill_null(pc.greater_equal(cands.column("label"), sample.min_grade), False)
+    qids = sorted(set(cands.filter(positive).column("qid").to_pylist()))[: sample.questions]
+    keep = cands.filter(pc.is_in(cands.column("qid"), value_set=pa.array(qids, pa.string())))
+    keep = keep.sort_by([("qid", "ascending"), ("cand_rank", "ascending")])
+    dest = Path(sample.out) / "part-00000.parquet"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # rewritten only when it differs: annotate --resume refuses an input whose file changed under it
+    if not dest.exists() or not pq.read_table(dest).equals(keep):
+        pq.write_table(keep, dest)
+    results = {}
+    for cfg in modes:
+        r = annotate(cfg)
+        results[cfg.mode] = {**_summary(r), "questions_per_s": r.extra.get("questions_per_s"),
+                             "parse_fail_rate": r.extra.get("parse_fail_rate")}  # fmt: skip
+    return {"questions": len(qids), "modes": results}
+
+
+def _utility_eval(p, out, resume):
+    from pipelines.utility_eval import UtilityEvalConfig
+
+    sp = p.annotate_split
+    return [UtilityEvalConfig(utility={m: str(out / "utility" / m) for m in p.utility.modes},
+                              pairs=str(out / "utility" / "pairs"), judgments=str(out / "judgments"),
+                              features=str(out / "features-test"), out=str(out / "utility-eval"),
+                              bootstrap=p.judge_eval.get("bootstrap", 1000))] if sp else []  # fmt: skip
+
+
+def _run_utility_eval(cfgs):
+    from pipelines.utility_eval import run
+
+    r = run(cfgs[0])
+    return {"f1_per_question": {k: v["f1_per_question"] for k, v in r.extra["rows"].items()},
+            "questions": r.extra["questions"]}  # fmt: skip
+
+
 def _report(p, out, resume):
     return [ReportConfig(run=str(out), out=str(out / "report"))]
 
@@ -647,6 +734,12 @@ def stages(p: PipelineConfig) -> list[Stage]:
                   _run_one("pipelines.index:build")),
             Stage("retriever_eval", ("retriever_index", "index", "split"), ("retriever-eval",), _retriever_eval,
                   _run_retriever_eval),
+        ]  # fmt: skip
+    if p.utility is not None:
+        out += [
+            Stage("utility", ("candidates", "split"), ("utility",), _utility, _run_utility, resumable=True),
+            Stage("utility_eval", ("utility", "annotate", "features_test"), ("utility-eval",), _utility_eval,
+                  _run_utility_eval),
         ]  # fmt: skip
     if p.serve.check:
         out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))

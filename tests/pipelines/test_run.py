@@ -155,6 +155,10 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
             "retriever.group_size=4", "retriever.max_positives=2", "retriever.num_workers=2", "retriever.epochs=1",
             "retriever.use_gpu=false", "retriever.cpus_per_worker=1", "retriever.val_distractors=20",
             "retriever.max_passage_length=32", "retriever.eval_every=null"]  # fmt: skip
+    if p.utility is not None:
+        sets += [f"utility.settings.judge={lm}", "utility.settings.dtype=fp32", "utility.questions=2",
+                 "utility.settings.concurrency=[1,1]", "utility.settings.num_cpus_per_actor=1",
+                 "utility.settings.num_gpus_per_actor=0", "utility.settings.autoscaling_cluster=false"]  # fmt: skip
     if p.data.source == "synth":
         sets += ["data.synth.entities=12", "data.synth.distractors=2", "data.synth.random_negatives=1"]
     elif not Path(p.data.src).exists():  # a cluster volume: the same data from the shared folder
@@ -186,7 +190,7 @@ def test_the_whole_pipeline_runs_and_a_rerun_does_nothing(full_run):
     out = Path(p.out)
     for d in ("candidates", "pool", "judge", "judgments", "judgments-pool", "judge-eval", "ranker-human",
               "ranker-judge", "ranker-mix", "ranker-curriculum", "rank-eval", "augment", "index", "serve", "report",
-              "retriever", "retriever-index", "retriever-eval"):  # fmt: skip
+              "retriever", "retriever-index", "retriever-eval", "utility", "utility-eval"):  # fmt: skip
         assert (out / d).exists(), d
     assert r.report == str(out / "report" / "index.html")
     again = run(p, echo=_quiet)
@@ -228,6 +232,13 @@ def test_no_test_query_is_judged_for_the_rankers_or_trains_anything(full_run):
     assert set(retr["rows"]) == {"bm25", "minilm", "finetuned"}
     scored = set(read_table(out / "retriever-eval" / "finetuned" / "per_query").column("qid").to_pylist())
     assert scored and scored <= test_q
+    # utility annotation: test questions' candidates, scored against their human labels (they train nothing)
+    utility = read_table(out / "utility" / "utility-sel")
+    assert set(utility.column("qid").to_pylist()) <= test_q and set(utility.column("mode").to_pylist()) == {
+        "utility-sel"
+    }
+    u = json.loads((out / "utility-eval" / "summary.json").read_text())
+    assert {"relsel", "utility-sel", "answer-likelihood", "judge"} <= set(u["rows"]) and u["questions"] >= 1
     m = json.loads((out / "pipeline.json").read_text())
     assert set(m["splits_use"]) == {"train", "val", "unlabelled", "test"} and m["held_out_split"] == "test"
 
