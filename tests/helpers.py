@@ -112,3 +112,26 @@ def build_tiny_encoder(out: Path, seed: int = 0) -> Path:
     BertModel(config).save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
+
+
+def kill_a_map_worker_once(out, parts: int, worker, timeout_s: float = 180) -> int | None:
+    """SIGKILL one Ray Data map worker of this process's session once ``out`` holds ``parts`` partitions, while
+    ``worker`` (the thread running the job) is alive. Returns how many partitions were done when it was killed,
+    or None if the job ended (or the time ran out) first. Ray names a worker process after the actor it hosts."""
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout_s
+    while worker.is_alive() and time.time() < deadline:
+        done = len(list(out.glob("part-*.parquet")))
+        if done >= parts:
+            actors = [
+                p for p in psutil.Process().children(recursive=True) if "MapWorker" in " ".join(p.cmdline())
+            ]
+            if actors:
+                actors[0].send_signal(signal.SIGKILL)
+                return done
+        time.sleep(0.05)
+    return None

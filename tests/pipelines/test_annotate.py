@@ -29,6 +29,7 @@ from pipelines.annotate import (
 )
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
+from tests.helpers import kill_a_map_worker_once
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -222,27 +223,13 @@ def test_out_with_a_run_needs_resume_or_overwrite(reference_run, tiny_causal_lm,
 
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, reference_run, tiny_causal_lm, pairs_dir,
                                                            tmp_path):  # fmt: skip
-    import psutil
-
     out = tmp_path / "killed"
     # Many small units, so the run is still going when the actor dies.
     cfg = _cfg(tiny_causal_lm, pairs_dir, out, unit_rows=4)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(r=run(cfg)))
     worker.start()
-    killed_at = None
-    deadline = time.time() + 120
-    while worker.is_alive() and time.time() < deadline and killed_at is None:
-        done = len(list(out.glob("part-*.parquet")))
-        if done >= 3:
-            # this session's judge actors: Ray names a worker process after the actor it hosts
-            actors = [
-                p for p in psutil.Process().children(recursive=True) if "MapWorker" in " ".join(p.cmdline())
-            ]
-            if actors:
-                actors[0].send_signal(signal.SIGKILL)
-                killed_at = done
-        time.sleep(0.05)
+    killed_at = kill_a_map_worker_once(out, 3, worker, timeout_s=120)
     worker.join(timeout=300)
     assert killed_at is not None and killed_at < 60, "the actor was not killed while units were pending"
     r = result["r"]

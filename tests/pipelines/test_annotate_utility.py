@@ -4,9 +4,7 @@ utility table, exactly once and resumable (a real embedded Ray, the tiny causal 
 from __future__ import annotations
 
 import json
-import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from pipelines.annotate import (
 )
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import read_table
+from tests.helpers import kill_a_map_worker_once
 
 WORDS = ["when", "was", "the", "town", "founded", "river", "population", "company", "ceo", "of", "a"]
 
@@ -195,24 +194,12 @@ def test_each_mode_writes_its_columns(ray_session, tiny_causal_lm, tmp_path, mod
 
 def test_utility_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, reference_utility_run,
                                                                    tiny_causal_lm, utility_pairs, tmp_path):  # fmt: skip
-    import psutil
-
     out = tmp_path / "killed"
     cfg = _cfg(tiny_causal_lm, utility_pairs, out, passage_tokens=64, unit_rows=2)  # a unit per question
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(r=run(cfg)))
     worker.start()
-    killed = False
-    deadline = time.time() + 180
-    while worker.is_alive() and time.time() < deadline and not killed:
-        if len(list(out.glob("part-*.parquet"))) >= 2:
-            actors = [
-                p for p in psutil.Process().children(recursive=True) if "MapWorker" in " ".join(p.cmdline())
-            ]
-            if actors:
-                actors[0].send_signal(signal.SIGKILL)
-                killed = True
-        time.sleep(0.05)
+    killed = kill_a_map_worker_once(out, 2, worker) is not None
     worker.join(timeout=300)
     assert killed and len(list(out.glob("part-*.parquet"))) == len(SIZES)
     r = result["r"]
