@@ -535,7 +535,10 @@ class UtilityAnnotator:
         """Annotate ``questions`` in ``mode``; results in input order, one ``PassageResult`` per candidate."""
         if mode not in MODES:
             raise ValueError(f"mode: one of {', '.join(MODES)}, got {mode!r}")
-        cut = [[self.cut(c.text) for c in q.candidates] for q in questions]
+        # a title is part of the passage (HotpotQA paragraphs lean on theirs), as the relevance judge shows it
+        cut = [
+            [self.cut(f"{c.title}. {c.text}" if c.title else c.text) for c in q.candidates] for q in questions
+        ]
         texts = [[t for t, _ in qc] for qc in cut]
         results = [QuestionResult(q.qid, [PassageResult(truncated=tr) for _, tr in qc])
                    for q, qc in zip(questions, cut, strict=True)]  # fmt: skip

@@ -185,7 +185,7 @@ def _parquet_columns(path: Path) -> list[str]:
     return pq.read_schema(path).names
 
 
-def query_starts(path: Path) -> np.ndarray:
+def query_starts(path: Path, seen: dict[str, str] | None = None) -> np.ndarray:
     """The positions (Parquet row, JSONL byte offset) where each question's rows begin, for units that hold whole
     questions. A question's rows must be contiguous: listwise annotation needs all its candidates at once, and
     regrouping a corpus-scale input is a job of its own, not something to do silently on the driver."""
@@ -195,17 +195,20 @@ def query_starts(path: Path) -> np.ndarray:
     else:
         qids, _, offsets = _jsonl_keys(path)
         pos = np.asarray(offsets, dtype=np.int64)
-    starts, seen, prev = [], {}, object()
+    # ``seen`` is shared across the files of one input: a question must not run on into the next file either
+    seen = {} if seen is None else seen
+    where = "row" if path.suffix == ".parquet" else "byte"
+    starts, prev = [], object()
     for i, q in enumerate(qids):
         if q == prev:
             continue
+        here = f"{path.name} {where} {int(pos[i])}"
         if q is not None and q in seen:
-            where = "row" if path.suffix == ".parquet" else "byte"
-            raise DataError(f"{path}: the candidates of question {q!r} are not contiguous (at {where} "
-                            f"{seen[q]} and again at {where} {int(pos[i])}): listwise modes need each question's "
-                            "rows together; sort the pairs by qid first")  # fmt: skip
+            raise DataError(f"{path}: the candidates of question {q!r} are not contiguous (at {seen[q]} and again "
+                            f"at {here}): listwise modes need each question's rows together, in one file; sort "
+                            "the pairs by qid and keep a question within one file")  # fmt: skip
         if q is not None:
-            seen[q] = int(pos[i])
+            seen[q] = here
         starts.append(int(pos[i]))
         prev = q
     return np.asarray(starts, dtype=np.int64)
@@ -228,7 +231,8 @@ def _snap(bounds: list[tuple[int, int]], starts: np.ndarray) -> list[tuple[int, 
 
 def input_query_starts(pairs: str) -> dict[str, np.ndarray]:
     """``query_starts`` of every input file, by resolved path."""
-    return {str(p.resolve()): query_starts(p) for p in expand_paths(pairs)}
+    seen: dict[str, str] = {}
+    return {str(p.resolve()): query_starts(p, seen) for p in expand_paths(pairs)}
 
 
 def plan_units(
@@ -654,12 +658,25 @@ class UtilityActor:
         from models.utility import Candidate, Question
 
         t0 = time.perf_counter()
+        # A block is a whole piece (whole questions). Ray Data cuts a block larger than its target size between
+        # calls; annotated so, a question would be judged from part of its candidates: refuse it instead.
+        pieces = Counter(
+            zip(batch.column("_unit").to_pylist(), batch.column("_piece").to_pylist(), strict=True)
+        )
+        expect = dict(zip(zip(batch.column("_unit").to_pylist(), batch.column("_piece").to_pylist(), strict=True),
+                          batch.column("_expect").to_pylist(), strict=True))  # fmt: skip
+        split = [k for k, n in pieces.items() if n != expect[k]]
+        if split:
+            raise DataError(f"unit {split[0][0]} piece {split[0][1]} reached the annotator in parts ({pieces[split[0]]} "
+                            f"of {expect[split[0]]} rows): Ray Data split its block; lower unit_rows")  # fmt: skip
         rows = batch.select(["qid", "docid", "query", "text", "title", "answers"]).to_pylist()
         questions: list[Question] = []
         for r in rows:
             if not questions or questions[-1].qid != r["qid"]:
+                questions.append(Question(r["qid"], r["query"], []))
+            if questions[-1].answer is None:  # the first non-empty gold answer among the question's rows
                 answers = [a for a in (r["answers"] or []) if a and a.strip()]
-                questions.append(Question(r["qid"], r["query"], [], answers[0] if answers else None))
+                questions[-1].answer = answers[0] if answers else None
             questions[-1].candidates.append(Candidate(r["docid"], r["text"] or "", r["title"]))
         results = self.annotator.annotate(questions, self.mode)
         out = utility_table(questions, results, self.mode, self.name, self.annotator.prompt_version)

@@ -58,19 +58,30 @@ def run(cfg: UtilityEvalConfig) -> StageResult:
         for mode, path in cfg.utility.items():
             table = read_table(path)
             manifests[mode] = json.loads((Path(path) / "manifest.json").read_text())
-            if "relsel" not in found and table.column("relevant").null_count < table.num_rows:
+            if (
+                "relsel" not in found
+                and mode != "answer-likelihood"
+                and table.column("relevant").null_count < table.num_rows
+            ):
                 found["relsel"] = (_rows(table, "relevant", qids), f"RelSel (the relevant verdict of {mode})")
             found[mode] = (_rows(table, "selected", qids), f"{mode} selected")
         annotated = {q for rows, _ in found.values() for q, _, _ in rows}
+        # the judge and the baselines are scored on the same (question, passage) pairs as the annotators
+        same = set(zip(pairs.column("qid").to_pylist(), pairs.column("docid").to_pylist(), strict=True))
         if cfg.judgments:
             j = read_table(cfg.judgments)
             sel = [(q, d, lab >= cfg.min_grade) for q, d, lab in zip(*(j.column(c).to_pylist() for c in ("qid", "docid", "label")), strict=True)
-                   if q in annotated]  # fmt: skip
+                   if q in annotated and (q, d) in same]  # fmt: skip
             found["judge"] = (sel, f"relevance judge, label >= {cfg.min_grade}")
         k = max(1, round(float(np.mean([sum(g.values()) for q, g in gold.items() if q in annotated] or [1]))))
         if cfg.features:
             f = read_table(cfg.features)
-            keep = np.array([q in annotated for q in f.column("qid").to_pylist()])
+            keep = np.array(
+                [
+                    q in annotated and (q, d) in same
+                    for q, d in zip(f.column("qid").to_pylist(), f.column("docid").to_pylist(), strict=True)
+                ]
+            )
             f = f.filter(pa.array(keep))
             for col, name in (("bm25", "BM25"), ("dense_cos", "MiniLM cosine")):
                 if col in f.column_names:

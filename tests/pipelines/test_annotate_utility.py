@@ -93,8 +93,16 @@ def test_a_question_split_across_the_input_is_refused_by_name(tmp_path):
     rows = _questions([3, 3])
     rows.append({**rows[0], "docid": "q0-late"})  # q0 again after q1
     path = _write(tmp_path / "pairs.parquet", rows)
-    with pytest.raises(DataError, match=r"question 'q0' are not contiguous \(at row 0 and again at row 6\)"):
+    with pytest.raises(DataError, match=r"question 'q0' are not contiguous \(at pairs.parquet row 0 and again at "
+                                        r"pairs.parquet row 6\)"):  # fmt: skip
         query_starts(path)
+    # a question running on from one file into the next is split too
+    rows = _questions([3, 4])
+    _write(tmp_path / "shards" / "part-0.parquet", rows[:5])
+    _write(tmp_path / "shards" / "part-1.parquet", rows[5:])
+    with pytest.raises(DataError, match=r"question 'q1' are not contiguous \(at part-0.parquet row 3 and again at "
+                                        r"part-1.parquet row 0\)"):  # fmt: skip
+        input_query_starts(str(tmp_path / "shards"))
 
 
 def test_relevance_judge_directory_and_oversized_units_are_refused(tmp_path, tiny_causal_lm):
