@@ -271,7 +271,15 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     _, r = full_run
     html = Path(r.report).read_text()
     heads = re.findall(r"<h2>(.*?)</h2>", html)
-    assert heads == ["Data", "Judge", "Annotation", "Ranking", "Retrieval and serving", "Configs"]
+    assert heads == [
+        "Data",
+        "Judge",
+        "Annotation",
+        "Utility annotation",
+        "Ranking",
+        "Retrieval and serving",
+        "Configs",
+    ]
     assert html.count('src="data:image/png;base64,') >= 5 and "did not run" not in html
     browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
     if browser is None:
