@@ -6,6 +6,7 @@
     OUT/docs/part-*.parquet      docid, text, title, url
     OUT/qrels/part-*.parquet     qid, docid, label
     OUT/pairs/part-*.parquet     qid, docid, query, text, label[, answers]   (every judged pair, with its texts)
+    OUT/questions/part-*.parquet qid, question, answers[, supporting]   (when the queries carry gold answers)
     OUT/rejected/part-*.parquet  table, source, line, reason, raw (rows that could not be used, and why)
     OUT/config.yaml, OUT/manifest.json
 
@@ -13,6 +14,12 @@ Every input row ends up in exactly one table or in ``rejected/``: non-UTF-8 byte
 ids, empty queries, duplicate keys, unknown grades and dangling references are rejected with a reason, never
 dropped silently and never a traceback. Splits are by query (``augrel data split``): a query never sits in
 two splits, and queries without a human label form the ``unlabelled`` split.
+
+The ``questions`` table is what RAG evaluation reads: written when the queries carry gold answers (hotpotqa
+always; beir when ``queries.jsonl`` has ``metadata.answers``, as ``augrel data synth`` writes it; pairs
+with an ``answers`` column). A question without a gold answer is kept with an empty ``answers`` list and
+counted (``questions_without_answer``). ``supporting`` lists the docids with a human grade of at least
+``supporting_min_grade`` (hotpotqa: the ``is_supporting`` paragraphs).
 """
 
 from __future__ import annotations
@@ -56,6 +63,11 @@ class PrepareConfig(StageConfig):
     corpus: str = Field("passages.jsonl", description="trec-dl: passages JSONL inside src")
     beir_split: str | None = Field(None, description="beir: qrels/<split>.tsv to read; all splits if unset")
     rows_per_file: int = Field(DEFAULT_ROWS_PER_FILE, gt=0)
+    supporting_min_grade: int = Field(
+        1,
+        description="questions table: a judged passage with at least this human grade is a gold supporting "
+        "passage of its question (the oracle of RAG evaluation, supporting-passage recall)",
+    )
 
     @field_validator("grades")
     @classmethod
@@ -63,6 +75,16 @@ class PrepareConfig(StageConfig):
         if not v or sorted(set(v)) != v or min(v) < 0 or max(v) > 127:
             raise ValueError("grades must be a non-empty increasing list of distinct integers in 0..127")
         return v
+
+    @model_validator(mode="after")
+    def _supporting_grade_on_scale(self) -> PrepareConfig:
+        # at the lowest grade every judged passage, irrelevant ones included, would count as gold
+        if not min(self.grades) < self.supporting_min_grade <= max(self.grades):
+            raise ValueError(
+                f"supporting_min_grade must lie above the lowest grade and at most the highest of grades "
+                f"{self.grades}, got {self.supporting_min_grade}"
+            )
+        return self
 
 
 @dataclass
@@ -527,11 +549,16 @@ def prepare(cfg: PrepareConfig) -> StageResult:
             qrels = _apply_rules(T.QRELS, loaded.qrels, where["qrels"], cfg.grades, rejects)
             qrels = _reject_orphans(qrels, queries, docs, where["qrels"], rejects)
             pairs = build_pairs(qrels, queries, docs)
+        questions = build_questions(queries, qrels, cfg.supporting_min_grade)
         rejected = pa.concat_tables(rejects) if rejects else T.empty_rejected()
         out = Path(cfg.out)
         for name, table in (("queries", queries), ("docs", docs), ("qrels", qrels), ("pairs", pairs)):
             write_table(out / name, table, cfg.rows_per_file)
         write_table(out / "rejected", rejected, cfg.rows_per_file)
+        if questions is not None:
+            write_table(out / "questions", questions, cfg.rows_per_file)
+        else:
+            _remove_table(out / "questions")
     counts = {
         "queries": queries.num_rows,
         "docs": docs.num_rows,
@@ -540,6 +567,13 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         "judged_queries": len(pc.unique(pairs.column("qid"))),
         "rejected": rejected.num_rows,
     }
+    written = ["queries", "docs", "qrels", "pairs"]
+    if questions is not None:
+        counts["questions"] = questions.num_rows
+        counts["questions_without_answer"] = int(
+            pc.sum(pc.equal(pc.list_value_length(questions.column("answers")), 0)).as_py() or 0
+        )
+        written.append("questions")
     grades_hist = {str(g): int(n) for g, n in sorted(_value_counts(qrels.column("label")).items())}
     reasons = {str(k): int(v) for k, v in _value_counts(rejected.column("reason")).items()}
     return write_stage_files(
@@ -549,8 +583,40 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         counts,
         [src],
         timer.seconds,
-        {"tables": ["queries", "docs", "qrels", "pairs"], "grades": grades_hist, "rejected_reasons": reasons},
+        {"tables": written, "grades": grades_hist, "rejected_reasons": reasons},
     )
+
+
+def build_questions(queries: pa.Table, qrels: pa.Table, min_grade: int) -> pa.Table | None:
+    """The questions table (qid, question, answers, supporting); None when the queries carry no gold answers.
+
+    A query without answers gets an empty list (kept, excluded from EM / F1 downstream). ``supporting`` holds
+    the docids graded at least ``min_grade``, in qrels order; null for a question with no human label at all,
+    so "no gold passage" and "never judged" stay apart.
+    """
+    if "answers" not in queries.column_names:
+        return None
+    answers = queries.column("answers")
+    answers = pc.fill_null(answers, pa.scalar([], answers.type))
+    gold = qrels.filter(pc.greater_equal(qrels.column("label"), min_grade))
+    # single-threaded so each list keeps the qrels order (hotpotqa: the paragraph order of the question)
+    grouped = gold.group_by("qid", use_threads=False).aggregate([("docid", "list")])
+    qid = queries.column("qid")
+    supporting = grouped.column("docid_list").take(pc.index_in(qid, value_set=grouped.column("qid")))
+    judged_without_gold = pc.and_(pc.is_null(supporting), pc.is_in(qid, value_set=qrels.column("qid")))
+    supporting = pc.if_else(judged_without_gold, pa.scalar([], supporting.type), supporting)
+    table = pa.table(
+        {"qid": qid, "question": queries.column("query"), "answers": answers, "supporting": supporting}
+    )
+    return T.conform(T.QUESTIONS, table)
+
+
+def _remove_table(path: Path) -> None:
+    """Remove a table an earlier run wrote where this run writes none: no stale table passes for current."""
+    for old in path.glob("part-*.parquet"):
+        old.unlink()
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def _first_per_key(table: pa.Table, key: str) -> pa.Table:
@@ -565,7 +631,7 @@ def _value_counts(arr: pa.ChunkedArray) -> dict[Any, int]:
 
 # ------------------------------------------------------------------------------------------------- splits
 
-SPLIT_TABLES = ("queries", "qrels", "pairs")
+SPLIT_TABLES = ("queries", "qrels", "pairs", "questions")
 #: The split of queries without a single human label: nothing to train or test on, but the pool the judge
 #: annotates. Not one of ``fractions``; its qrels table is empty.
 UNLABELLED = "unlabelled"
@@ -666,6 +732,9 @@ def split(cfg: SplitConfig) -> StageResult:
                 part = table.filter(pc.is_in(table.column("qid"), value_set=chosen))
                 write_table(out / name / tname, part)
                 counts[f"{name}.{tname}"] = part.num_rows
+            for tname in SPLIT_TABLES:
+                if tname not in tables:
+                    _remove_table(out / name / tname)
             counts[f"{name}.queries_split"] = len(chosen)
         if "queries" not in tables:
             counts[f"{UNLABELLED}.queries"] = len(unlabelled)

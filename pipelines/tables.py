@@ -157,7 +157,27 @@ UTILITY = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (QUERIES, DOCS, PAIRS, JUDGMENTS, QRELS, RUN, UTILITY)}
+QUESTIONS = TableSpec(
+    "questions",
+    (
+        Column("qid", _STR, non_empty=True),
+        Column("question", _STR, non_empty=True),
+        # the gold answer aliases; an empty list is a question without a gold answer: it is kept (a retriever
+        # and a generator still run on it) and left out of EM / F1, where it is counted
+        Column("answers", pa.list_(_STR)),
+    ),
+    key=("qid",),
+    doc="the questions of RAG evaluation, with their gold answers",
+    optional=(
+        # docids of the gold supporting passages (human grade >= the prepare setting supporting_min_grade);
+        # null where the question has no human label at all, empty where no judged passage reaches the grade
+        Column("supporting", pa.list_(_STR), nullable=True),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {
+    t.name: t for t in (QUERIES, DOCS, PAIRS, JUDGMENTS, QRELS, RUN, UTILITY, QUESTIONS)
+}
 
 #: Rows a stage could not process: where they came from and why.
 REJECTED_SCHEMA = pa.schema(

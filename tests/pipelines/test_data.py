@@ -317,3 +317,111 @@ def test_split_dl19_has_157_unlabelled_queries(shared_data, tmp_path):
     r = split(SplitConfig(src=str(out / "data"), out=str(out / "splits")))
     assert r.counts["unlabelled.queries"] == 157 and r.counts["unlabelled.pairs"] == 0
     assert sum(r.counts[f"{s}.queries_split"] for s in ("train", "val", "test")) == 43
+
+
+def _hotpot_line(qid, question, spans, supporting):
+    contexts = [
+        {
+            "id": str(i),
+            "title": f"T{i}",
+            "paragraph_text": f"{qid} text {i}",
+            "is_supporting": i in supporting,
+        }
+        for i in range(4)
+    ]
+    answers = [{"number": "", "spans": spans}] if spans is not None else []
+    return {"question_id": qid, "question_text": question, "answers_objects": answers, "contexts": contexts}
+
+
+def test_prepare_hotpotqa_writes_questions_with_answers_and_supporting(tmp_path):
+    src, out = tmp_path / "questions.jsonl", tmp_path / "out"
+    lines = [
+        _hotpot_line("a", "who wrote it", ["Ada Marsh", "A. Marsh"], {1, 3}),
+        _hotpot_line("b", "when was it built", None, {0, 2}),  # no gold answer: kept, counted
+    ]
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = prepare(PrepareConfig(format="hotpotqa", src=str(src), out=str(out)))
+    questions = read_table(out / "questions")
+    assert T.check(T.QUESTIONS, questions) == []
+    assert questions.to_pylist() == [
+        {"qid": "a", "question": "who wrote it", "answers": ["Ada Marsh", "A. Marsh"],
+         "supporting": ["a-1", "a-3"]},
+        {"qid": "b", "question": "when was it built", "answers": [], "supporting": ["b-0", "b-2"]},
+    ]  # fmt: skip
+    assert r.counts["questions"] == 2 and r.counts["questions_without_answer"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["questions_without_answer"] == 1 and "questions" in manifest["tables"]
+
+
+def test_beir_with_answers_writes_questions_supporting_by_min_grade(tmp_path):
+    src = tmp_path / "src"
+    _write_beir(src, [
+        {"_id": "1", "text": "when was it founded", "metadata": {"answers": ["1987"]}},
+        {"_id": "2", "text": "who runs it", "metadata": {}},
+        {"_id": "3", "text": "never judged", "metadata": {"answers": "x"}},
+    ])  # fmt: skip
+    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td1\t3\n1\td2\t1\n2\td1\t0\n")
+    out1, out2 = tmp_path / "min1", tmp_path / "min2"
+    r = prepare(PrepareConfig(format="beir", src=str(src), out=str(out1)))
+    prepare(PrepareConfig(format="beir", src=str(src), out=str(out2), supporting_min_grade=2))
+    assert r.counts["questions"] == 3 and r.counts["questions_without_answer"] == 1
+    rows = {x["qid"]: x for x in read_table(out1 / "questions").to_pylist()}
+    assert [rows[q]["answers"] for q in "123"] == [["1987"], [], ["x"]]
+    # judged without a passage at the grade: empty; no human label at all: unknown (null)
+    assert [rows[q]["supporting"] for q in "123"] == [["d1", "d2"], [], None]
+    assert read_table(out2 / "questions").column("supporting").to_pylist() == [["d1"], [], None]
+
+
+def test_beir_without_answers_writes_no_questions_table(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_beir(src, [{"_id": "1", "text": "what is x", "metadata": {"answers": "x"}}])
+    prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
+    assert (out / "questions").is_dir()
+    (src / "queries.jsonl").write_text(json.dumps({"_id": "1", "text": "what is x"}) + "\n")
+    r = prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
+    # the earlier run's questions must not pass for this run's
+    assert not (out / "questions").exists() and "questions" not in r.counts
+    assert "questions" not in json.loads((out / "manifest.json").read_text())["tables"]
+
+
+def test_pairs_with_answers_write_questions(tmp_path):
+    src, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    rows = [
+        {"qid": "q1", "docid": "d1", "query": "x", "text": "t", "label": 2, "answers": ["a"]},
+        {"qid": "q1", "docid": "d2", "query": "x", "text": "t", "label": 0, "answers": ["a"]},
+        {"qid": "q2", "docid": "d1", "query": "y", "text": "t"},  # unlabelled, no answer
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = prepare(PrepareConfig(format="pairs", src=str(src), out=str(out)))
+    assert read_table(out / "questions").to_pylist() == [
+        {"qid": "q1", "question": "x", "answers": ["a"], "supporting": ["d1"]},
+        {"qid": "q2", "question": "y", "answers": [], "supporting": None},
+    ]
+    assert r.counts["questions_without_answer"] == 1
+
+
+def test_supporting_min_grade_must_be_on_the_scale():
+    with pytest.raises(ConfigError, match="supporting_min_grade"):
+        load_config(PrepareConfig, None, ["supporting_min_grade=0"], format="beir", src="s", out="o")
+    with pytest.raises(ConfigError, match="supporting_min_grade"):
+        load_config(PrepareConfig, None, ["grades=[0,1]", "supporting_min_grade=2"], format="beir", src="s",
+                    out="o")  # fmt: skip
+
+
+def test_split_writes_each_splits_questions_by_qid(synth_dataset, tmp_path):
+    out = tmp_path / "splits"
+    r = split(SplitConfig(src=str(synth_dataset), out=str(out)))
+    total = 0
+    for name in ("train", "val", "test", "unlabelled"):
+        queries = read_table(out / name / "queries").column("qid").to_pylist()
+        questions = read_table(out / name / "questions")
+        assert sorted(questions.column("qid").to_pylist()) == sorted(queries), name
+        assert r.counts[f"{name}.questions"] == questions.num_rows
+        total += questions.num_rows
+    assert total == read_table(synth_dataset / "questions").num_rows > 0
+    # a dataset without questions gets none in its splits, even where an earlier split wrote some
+    data = tmp_path / "data"
+    for t in ("queries", "qrels", "pairs"):
+        write_table(data / t, read_table(synth_dataset / t))
+    split(SplitConfig(src=str(data), out=str(out)))
+    assert not any((out / name / "questions").exists() for name in ("train", "val", "test", "unlabelled"))

@@ -108,3 +108,19 @@ def test_split_rejected_keeps_every_row_somewhere():
 def test_grade_scale_is_configurable(grades):
     vs = T.check(T.QRELS, pa.table({"qid": ["q"], "docid": ["d"], "label": [4]}), grades=grades)
     assert bool(vs) == (4 not in grades)
+
+
+def test_questions_table_keeps_empty_answers_but_not_missing_ones():
+    t = pa.table(
+        {
+            "qid": ["q1", "q2", "q3"],
+            "question": ["who", "what", " "],
+            "answers": pa.array([["a"], [], None], pa.list_(pa.string())),
+            "supporting": pa.array([["d1"], None, []], pa.list_(pa.string())),
+        }
+    )
+    vs = {(v.column, v.row, v.reason) for v in T.check(T.QUESTIONS, t)}
+    assert vs == {("answers", 2, "missing value (null)"), ("question", 2, "empty string")}
+    missing = T.check(T.QUESTIONS, t.drop_columns(["answers"]))
+    assert [(v.column, "missing column" in v.reason) for v in missing] == [("answers", True)]
+    assert T.TABLES["questions"] is T.QUESTIONS

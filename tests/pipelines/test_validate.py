@@ -11,7 +11,7 @@ from pipelines.validate import ValidateConfig, validate
 def test_prepared_dataset_validates(ray_session, synth_dataset):
     report = validate(ValidateConfig(path=str(synth_dataset)))
     assert report.ok
-    assert {t.table for t in report.tables} == {"queries", "docs", "qrels", "pairs"}
+    assert {t.table for t in report.tables} == {"queries", "docs", "qrels", "pairs", "questions"}
 
 
 def test_corruptions_are_named_by_file_column_and_row(ray_session, synth_dataset, tmp_path):
