@@ -133,10 +133,12 @@ class EncodedPrompt:
 # ------------------------------------------------------------------------------------------ answers
 
 _PREFIX = re.compile(r"^(?:answer\s*:|a\s*:|the\s+answer\s+is\b\s*:?)", re.IGNORECASE)
-# A small model echoes the prompt's passage format before the answer ("[1] Title: Shirley Temple") or opens a
-# list ("1. The city of New York"): the marker is format, not answer. A list marker needs its space, so
-# "1945." and "3.5 million" stay whole.
-_MARKER = re.compile(r"^(?:\[\d+\]\s*|\d{1,2}\.\s+(?=\D)|title\s*:\s*)", re.IGNORECASE)
+# A small model echoes the prompt's passage format before the answer ("[1] Title: Shirley Temple"), opens a
+# list ("1. The city of New York"), or, as a base model on plain chat lines, starts the next turn ("User:"):
+# the marker is format, not answer. A list marker needs its space, so "1945." and "3.5 million" stay whole.
+_MARKER = re.compile(
+    r"^(?:\[\d+\]\s*|\d{1,2}\.\s+(?=\D)|(?:title|user|assistant|system)\s*:\s*)", re.IGNORECASE
+)
 _QUESTION_LABEL = re.compile(r"^(?:question|q)\s*:\s*", re.IGNORECASE)
 _QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`"}
 _EMPHASIS = "*_"
@@ -185,9 +187,9 @@ def _clean_line(line: str, question: str) -> str:
 
 def extract_answer(raw: str, question: str) -> str:
     """The short answer in a generation: its first line that still says something once stripped of a leading
-    "Answer:" / "A:" / "The answer is", of an echoed passage marker ("[1]", "Title:") or list number ("1. "),
-    of a restated question, of surrounding quotes or asterisks, and of a trailing full stop. "" when nothing
-    is left (an empty generation is an empty answer, never an error)."""
+    "Answer:" / "A:" / "The answer is", of an echoed passage marker ("[1]", "Title:"), role label ("User:")
+    or list number ("1. "), of a restated question, of surrounding quotes or asterisks, and of a trailing full
+    stop. "" when nothing is left (an empty generation is an empty answer, never an error)."""
     for line in raw.splitlines():
         answer = _clean_line(line, question)
         if answer:

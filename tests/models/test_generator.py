@@ -68,6 +68,8 @@ def words(word: str, n: int) -> str:
         ("3.5 million", "how many?", "3.5 million"),
         ("[1] Title: Shirley Temple", "who?", "Shirley Temple"),
         ("1. The city of New York.", "where?", "The city of New York"),
+        ("User: ", "where?", ""),  # a base model starting the next turn: no answer
+        ("Assistant: Paris", "where?", "Paris"),
         ("", "where?", ""),
         ("  \n \n", "where?", ""),
         ("...", "where?", "..."),
