@@ -319,9 +319,40 @@ def utility_section(run: Path) -> str:
     return "".join(out)
 
 
+def rag_section(run: Path) -> str:
+    """Paper 2's experiment: each retriever's top k given to a generator, answers scored on held-out questions,
+    between the closed-book floor and the gold-passage ceiling."""
+    summary = _json(run / "rag-eval" / "summary.json")
+    if not summary:
+        return _missing("RAG evaluation (pipeline section `rag`)")
+    out = [f"<p>{html.escape(summary['caption'])}</p>"]
+    out.append(_table([[r["name"], r["k"] if r["k"] is not None else "gold", r.get("supporting_recall"),
+                        _ci(r.get("supporting_recall_ci95")), r.get("answer_in_context"),
+                        _ci(r.get("answer_in_context_ci95")), r.get("em"), _ci(r.get("em_ci95")), r.get("f1"),
+                        _ci(r.get("f1_ci95"))] for r in summary["rows"].values()],
+                      ["retriever", "k", "supporting recall@k", "95% CI", "answer recall@k", "95% CI", "EM",
+                       "95% CI", "F1", "95% CI"]))  # fmt: skip
+    for r in summary["rows"].values():
+        d = r.get("answer_recall_vs_human")
+        if d:
+            out.append(f"<p>{html.escape(r['name'])} vs human labels, answer recall@k: {d['mean']:+.3f} "
+                       f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired over questions (ratio "
+                       f"{r.get('answer_recall_ratio_to_human')}).</p>")  # fmt: skip
+    out.append(
+        f"<p>Generation: {summary.get('questions_per_s')} questions/s with {html.escape(str(summary.get('generator')))}.</p>"
+    )
+    if (run / "rag-eval" / "rag.png").exists():
+        out.append(_img(run / "rag-eval" / "rag.png", "answer recall, EM and F1 per retriever"))
+    return "".join(out)
+
+
 SECTIONS = [("Data", data_section), ("Judge", judge_section), ("Annotation", annotation_section),
             ("Utility annotation", utility_section), ("Ranking", ranking_section),
-            ("Retrieval and serving", serving_section), ("Configs", configs_section)]  # fmt: skip
+            ("Retrieval and serving", serving_section), ("RAG", rag_section), ("Configs", configs_section)]  # fmt: skip
+
+#: the pipeline stages behind each section: a section none of whose stages is in the pipeline is left out
+SECTION_STAGES = {"Judge": ("judge", "annotate"), "Annotation": ("annotate", "annotate_pool"),
+                  "Utility annotation": ("utility",), "Ranking": ("rankers",), "RAG": ("rag_eval",)}  # fmt: skip
 
 
 def render(run: str | Path, title: str | None = None) -> str:
@@ -332,7 +363,10 @@ def render(run: str | Path, title: str | None = None) -> str:
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
              f"<p>Run directory <code>{html.escape(str(run.resolve()))}</code>; written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.</p>"]  # fmt: skip
+    order = set(p.get("order", ()))
     for name, section in SECTIONS:
+        if order and name in SECTION_STAGES and not order & set(SECTION_STAGES[name]):
+            continue
         try:
             body = section(run)
         except Exception as e:  # a report with one broken section beats no report

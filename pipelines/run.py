@@ -85,6 +85,42 @@ class UtilitySection(_Section):
     )
 
 
+class RagSection(_Section):
+    """Paper 2's experiment: the retrieved candidates of the train questions are utility-annotated, a retriever is
+    trained per label source on those questions, and each retriever's top k feeds a generator on the held-out
+    questions, beside BM25, the base encoder, a closed book and the gold passages."""
+
+    train_questions: int | None = Field(
+        None, gt=0, description="annotate the candidates of the first N train questions by qid, and train every "
+        "retriever on these questions only, so the label sources compare on the same questions (null: all)",
+    )  # fmt: skip
+    questions: int | None = Field(None, gt=0, description="the first N held-out questions by qid (null: all)")
+    utility_mode: Literal["relsel", "utility-sel", "utility-rank", "answer-likelihood"] = Field(
+        "utility-sel", description="augrel annotate mode that makes the utility labels (paper 2: utility-sel)"
+    )
+    utility: dict[str, Any] = Field(
+        default_factory=dict, description="augrel annotate settings (window, ...)"
+    )
+    label_sources: list[Literal["human", "utility", "utility_h20"]] = Field(
+        default_factory=lambda: ["human", "utility", "utility_h20"],
+        description="retrievers trained: human positives, utility positives, utility then a human_fraction "
+        "of human positives (paper 2's curriculum)",
+    )  # fmt: skip
+    human_fraction: float = Field(
+        0.2, gt=0, le=1, description="utility_h20: share of questions with human labels"
+    )
+    min_grade: int = Field(
+        1, ge=0, description="a human label at least this is a positive / supporting passage"
+    )
+    retriever: dict[str, Any] = Field(
+        default_factory=dict, description="augrel retriever train settings shared by every retriever"
+    )
+    eval: dict[str, Any] = Field(
+        default_factory=dict,
+        description="augrel rag eval settings (k, generator, batch_size, concurrency, ...)",
+    )
+
+
 class PipelineConfig(StageConfig):
     """``augrel run``: where the run lives, the data, and one section per stage."""
 
@@ -94,7 +130,10 @@ class PipelineConfig(StageConfig):
     candidates: dict[str, Any] = Field(
         default_factory=dict, description="augrel candidates settings (k, retrievers)"
     )
-    judge: dict[str, Any] = Field(default_factory=dict, description="augrel judge finetune settings")
+    judge: dict[str, Any] | None = Field(
+        default_factory=dict, description="augrel judge finetune settings; null: no relevance judge, and none of "
+        "the stages that need it (annotation, rankers, the judge-labelled retriever, utility eval, serve)",
+    )  # fmt: skip
     annotate_split: str = Field("test", description="the held-out split whose pairs measure the judge")
     annotate: dict[str, Any] = Field(
         default_factory=dict, description="augrel annotate settings (both the test pairs and the pool)"
@@ -121,11 +160,24 @@ class PipelineConfig(StageConfig):
         description="utility annotation (paper 2) of a sample of the held-out questions, each mode scored "
         "against their human positives beside the relevance judge and top-k baselines; null: not run",
     )
+    rag: RagSection | None = Field(
+        None, description="paper 2's experiment: retrievers trained on human / utility / utility + 20% human labels "
+        "of the train questions, each scored by the answers a generator writes from its top k; null: not run",
+    )  # fmt: skip
     serve: ServeSection = ServeSection()
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
     def _served_ranker_is_trained(self) -> PipelineConfig:
+        if self.judge is None:
+            on = [f for f, v in (("retriever", self.retriever is not None), ("utility", self.utility is not None),
+                                 ("serve.check", self.serve.check)) if v]  # fmt: skip
+            if on:
+                raise ValueError(f"judge: null (no relevance judge) needs {', '.join(on)} off too: they use the judge's "
+                                 f"labels or rankers (set {', '.join(f + ': null' if f != 'serve.check' else 'serve: {check: false}' for f in on)})")  # fmt: skip
+            if self.rag is None:
+                raise ValueError("judge: null and rag: null leave nothing to run after the index")
+            return self
         if not self.label_sources:
             raise ValueError("label_sources: train at least one ranker")
         if len(set(self.label_sources)) != len(self.label_sources):
@@ -145,6 +197,21 @@ class PipelineConfig(StageConfig):
             if not fractions.get(need):
                 raise ValueError(f"data.split.fractions: needs a {need} split (the judge "
                                  f"{'trains' if need == 'train' else 'selects and calibrates'} on it)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _rag_splits(self) -> PipelineConfig:
+        if self.rag is None:
+            return self
+        fractions = self.data.split.get("fractions") or {"train": 0.6, "val": 0.2, "test": 0.2}
+        for need, why in (("train", "its questions' labels train the retrievers"),
+                          ("val", "the retrievers validate on it"),
+                          (self.annotate_split, "annotate_split: the held-out questions answered")):  # fmt: skip
+            if not fractions.get(need):
+                raise ValueError(f"data.split.fractions: rag needs a {need} split ({why})")
+        if self.annotate_split in ("train", "val", "unlabelled"):
+            raise ValueError(f"annotate_split: {self.annotate_split!r} trains or validates the retrievers; rag "
+                             "answers a held-out split")  # fmt: skip
         return self
 
     @property
@@ -496,6 +563,270 @@ def _run_utility_eval(cfgs):
             "questions": r.extra["questions"]}  # fmt: skip
 
 
+# ------------------------------------------------------------------------- paper 2: retrievers and RAG
+
+
+class RagSampleConfig(StageConfig):
+    """The train questions the rag stages learn from: the first ``questions`` (by qid) of the split's questions
+    that have a candidate. Writes their candidates (each question's together, by rank) for utility annotation and
+    their human labels, so that every retriever trains on the same questions."""
+
+    candidates: str
+    queries: str
+    qrels: str
+    questions: int | None = None
+    out: str
+
+
+def _rag_sample(p: PipelineConfig, out: Path) -> RagSampleConfig:
+    return RagSampleConfig(candidates=str(out / "candidates"), queries=str(out / "splits" / "train" / "queries"),
+                           qrels=str(out / "splits" / "train" / "qrels"), questions=p.rag.train_questions,
+                           out=str(out / "rag" / "train"))  # fmt: skip
+
+
+def _rag_utility(p, out, resume):
+    from pipelines.annotate import AnnotateConfig
+
+    sample = _rag_sample(p, out)
+    wired = {"pairs": str(Path(sample.out) / "pairs"), "out": str(out / "rag" / "utility"),
+             "mode": p.rag.utility_mode, "resume": resume, "overwrite": not resume}  # fmt: skip
+    return [sample, _cfg(AnnotateConfig, "rag.utility", p.rag.utility, wired)]
+
+
+def _write_if_changed(table, dest: Path) -> None:
+    """Rewritten only when it differs: annotate --resume refuses an input whose file changed under it, and the
+    runner's output hash would change for nothing."""
+    import pyarrow.parquet as pq
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists() or not pq.read_table(dest).equals(table):
+        pq.write_table(table, dest)
+
+
+def write_rag_sample(sample: RagSampleConfig) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.io import read_table
+
+    split = set(read_table(sample.queries).column("qid").to_pylist())
+    cands = read_table(sample.candidates)
+    cands = cands.filter(pc.is_in(cands.column("qid"), value_set=pa.array(sorted(split), pa.string())))
+    qids = sorted(set(cands.column("qid").to_pylist()))[: sample.questions]
+    keep = pa.array(qids, pa.string())
+    pairs = cands.filter(pc.is_in(cands.column("qid"), value_set=keep))
+    pairs = pairs.sort_by([("qid", "ascending"), ("cand_rank", "ascending")])
+    qrels = read_table(sample.qrels)
+    qrels = qrels.filter(pc.is_in(qrels.column("qid"), value_set=keep)).sort_by([("qid", "ascending"),
+                                                                                ("docid", "ascending")])  # fmt: skip
+    _write_if_changed(pairs, Path(sample.out) / "pairs" / "part-00000.parquet")
+    _write_if_changed(qrels, Path(sample.out) / "qrels" / "part-00000.parquet")
+    return qids
+
+
+def _run_rag_utility(cfgs):
+    from pipelines.annotate import run as annotate
+
+    sample, cfg = cfgs
+    qids = write_rag_sample(sample)
+    r = annotate(cfg)
+    return {"questions": len(qids), **_summary(r), "mode": cfg.mode, "questions_per_s": r.extra.get("questions_per_s"),
+            "parse_fail_rate": r.extra.get("parse_fail_rate"), "utility": r.extra.get("utility")}  # fmt: skip
+
+
+def _rag_retrievers(p, out, resume):
+    """One retriever per label source, all on the sampled train questions, with the same settings, validated on
+    the val split's human labels; the held-out questions are excluded from everything."""
+    from pipelines.stage import deep_merge
+    from pipelines.train_retriever import RetrieverTrainConfig
+
+    human, utility = str(out / "rag" / "train" / "qrels"), str(out / "rag" / "utility")
+    labels = {"human": {"source": "human", "human": [human]},
+              "utility": {"source": "utility", "llm": [utility]},
+              "utility_h20": {"source": "curriculum", "human": [human], "llm": [utility], "llm_kind": "utility",
+                              "human_fraction": p.rag.human_fraction}}  # fmt: skip
+    values = dict(p.rag.retriever)
+    if "labels" in values:
+        raise ConfigError(
+            "rag.retriever.labels: set by the pipeline (one retriever per rag.label_sources); remove it"
+        )
+    cfgs = []
+    for src in p.rag.label_sources:
+        wired = {"index": str(out / "index"), "queries": [str(out / "data" / "queries")],
+                 "labels": deep_merge(labels[src], {"min_grade": p.rag.min_grade}),
+                 "val": [str(out / "splits" / "val" / "qrels")],
+                 "exclude_queries": [str(out / "splits" / p.annotate_split / "queries")],
+                 "out": str(out / "rag" / f"retriever-{src}"), "resume": resume}  # fmt: skip
+        cfgs.append(_cfg(RetrieverTrainConfig, "rag.retriever", values, wired))
+    return cfgs
+
+
+def _run_rag_retrievers(cfgs):
+    from pipelines.train_retriever import train
+
+    out = {}
+    for c in cfgs:
+        r = train(c)
+        out[Path(c.out).name.removeprefix("retriever-")] = {
+            **_summary(r),
+            "val_ndcg10": r.extra["metrics"].get("val_ndcg10"),
+        }
+    return out
+
+
+def _rag_indexes(p, out, resume):
+    from pipelines.index import IndexConfig
+
+    # the index section's settings (kind, actors, GPUs), each fine-tuned encoder in place of its own
+    values = {**{k: v for k, v in p.index.items() if k != "encoder"}, "dense": True}
+    return [_cfg(IndexConfig, "index", values, {"docs": str(out / "data" / "docs"),
+                                                "out": str(out / "rag" / f"index-{src}"),
+                                                "encoder": str(out / "rag" / f"retriever-{src}")})
+            for src in p.rag.label_sources]  # fmt: skip
+
+
+def _run_rag_indexes(cfgs):
+    from pipelines.index import build
+
+    return {Path(c.out).name.removeprefix("index-"): _summary(build(c)) for c in cfgs}
+
+
+def rag_rows(p: PipelineConfig) -> dict[str, tuple[str, str]]:
+    """The retrievers rag_eval compares: name -> (index directory under OUT, retriever)."""
+    rows = {"bm25": ("index", "bm25")}
+    if p.index.get("dense", True):
+        rows["minilm"] = ("index", "dense")
+    rows.update({src: (f"rag/index-{src}", "dense") for src in p.rag.label_sources})
+    return rows
+
+
+def _rag_eval(p, out, resume):
+    """A rag eval per retriever (top k only), then one with the closed-book and oracle brackets."""
+    from pipelines.rag import RagEvalConfig
+
+    split = out / "splits" / p.annotate_split
+    base = {"questions": str(split / "questions"), "qrels": str(split / "qrels"), "min_grade": p.rag.min_grade,
+            "limit": p.rag.questions, "resume": resume, "overwrite": not resume}  # fmt: skip
+    cfgs = []
+    for name, (idx, kind) in rag_rows(p).items():
+        wired = {**base, "index": str(out / idx), "retriever": kind, "systems": ["retrieved"],
+                 "out": str(out / "rag-eval" / name)}  # fmt: skip
+        cfgs.append(_cfg(RagEvalConfig, "rag.eval", p.rag.eval, wired))
+    wired = {**base, "index": str(out / "index"), "systems": ["closed_book", "oracle"],
+             "out": str(out / "rag-eval" / "brackets")}  # fmt: skip
+    cfgs.append(_cfg(RagEvalConfig, "rag.eval", p.rag.eval, wired))
+    return cfgs
+
+
+def _run_rag_eval(cfgs):
+    from pipelines.rag import run as rag_eval
+
+    results = {Path(c.out).name: rag_eval(c).extra for c in cfgs}
+    summary = rag_summary(results, Path(cfgs[0].out).parent)
+    return {"answer_recall": {k: v.get("answer_in_context") for k, v in summary["rows"].items()},
+            "em": {k: v.get("em") for k, v in summary["rows"].items()}, "questions": summary["questions"],
+            "questions_per_s": summary["questions_per_s"]}  # fmt: skip
+
+
+#: how the rag_eval table names its rows
+RAG_LABELS = {"bm25": "BM25", "minilm": "MiniLM (off the shelf)", "human": "fine-tuned: human labels",
+              "utility": "fine-tuned: utility labels", "utility_h20": "fine-tuned: utility + 20% human (curriculum)",
+              "closed_book": "closed book (no passage)", "oracle": "oracle (gold supporting passages)"}  # fmt: skip
+
+
+def rag_summary(results: dict[str, dict], out: Path) -> dict[str, Any]:
+    """rag-eval/summary.json, table.md and rag.png: a row per retriever and bracket with its 95% CIs, and the
+    paired difference in answer recall of each fine-tuned retriever against the human-trained one."""
+    from eval.rag import paired_difference
+    from pipelines.io import read_table
+
+    rows: dict[str, dict[str, Any]] = {}
+    per_q: dict[str, dict[str, float]] = {}
+    for name, extra in results.items():
+        for system, s in extra["systems"].items():
+            key = name if system == "retrieved" else system
+            rows[key] = {"name": RAG_LABELS.get(key, key), "k": s["k"], "questions": s["questions"],
+                         **{m: (s.get(m) or {}).get("mean") for m in ("em", "f1", "answer_in_context", "supporting_recall")},
+                         **{f"{m}_ci95": [(s.get(m) or {}).get("ci_low"), (s.get(m) or {}).get("ci_high")]
+                            for m in ("em", "f1", "answer_in_context", "supporting_recall")},
+                         "empty_answers": s["empty_answers"], "without_gold_answer": s["without_gold_answer"]}  # fmt: skip
+        t = read_table(out / name / "rows")
+        for system, qid, v in zip(t.column("system").to_pylist(), t.column("qid").to_pylist(),
+                                  t.column("answer_in_context").to_pylist(), strict=True):  # fmt: skip
+            if v is not None:
+                per_q.setdefault(name if system == "retrieved" else system, {})[qid] = float(v)
+    if "human" in per_q:
+        for name in ("utility", "utility_h20"):
+            if name in per_q:
+                common = sorted(set(per_q[name]) & set(per_q["human"]))
+                d = paired_difference([per_q[name][q] for q in common], [per_q["human"][q] for q in common])
+                rows[name]["answer_recall_vs_human"] = d
+                rows[name]["answer_recall_ratio_to_human"] = (
+                    round(rows[name]["answer_in_context"] / rows["human"]["answer_in_context"], 4)
+                    if rows["human"]["answer_in_context"]
+                    else None
+                )
+    rates = [e.get("questions_per_s") for e in results.values() if e.get("questions_per_s")]
+    first = next(iter(results.values()))
+    summary = {"caption": f"RAG on {max(r['questions'] for r in rows.values())} held-out questions, top "
+                          f"{first['k']} passages, generator {first['generator']} ({first['prompt_version']}); "
+                          "retrievers fine-tuned on the train split's questions only, validated on the val "
+                          "split; 95% CIs over questions.",
+               "rows": rows, "questions": max(r["questions"] for r in rows.values()),
+               "generator": first["generator"], "questions_per_s": round(sum(rates) / len(rates), 4) if rates else None}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _rag_table(out / "table.md", summary)
+    _rag_plot(out / "rag.png", summary)
+    return summary
+
+
+def _rag_table(path: Path, summary: dict[str, Any]) -> None:
+    def cell(r, m):
+        v, ci = r.get(m), r.get(f"{m}_ci95") or [None, None]
+        return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    lines = [summary["caption"], "", "| retriever | k | supporting recall@k | answer recall@k | EM | F1 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in summary["rows"].values():
+        lines.append(f"| {r['name']} | {r['k'] if r['k'] is not None else 'gold'} | {cell(r, 'supporting_recall')} | "
+                     f"{cell(r, 'answer_in_context')} | {cell(r, 'em')} | {cell(r, 'f1')} |")  # fmt: skip
+    for r in summary["rows"].values():
+        d = r.get("answer_recall_vs_human")
+        if d:
+            lines.append(f"\n{r['name']} vs human labels, answer recall@k: {d['mean']:+.3f} "
+                         f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired over questions; ratio "
+                         f"{r.get('answer_recall_ratio_to_human')})")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _rag_plot(path: Path, summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = list(summary["rows"].values())
+    metrics = [("answer_in_context", "answer recall@k"), ("em", "EM"), ("f1", "F1")]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows) * 1.2))
+    y = np.arange(len(rows))
+    h = 0.8 / len(metrics)
+    for j, (m, label) in enumerate(metrics):
+        vals = np.array([r.get(m) if r.get(m) is not None else np.nan for r in rows], float)
+        lo = np.array([(r.get(f"{m}_ci95") or [None])[0] or np.nan for r in rows], float)
+        hi = np.array([(r.get(f"{m}_ci95") or [None, None])[1] or np.nan for r in rows], float)
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
+        ax.barh(y + (j - 1) * h, np.nan_to_num(vals), h, xerr=err, capsize=2, label=label)
+    ax.set_yticks(y, [r["name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"{summary['questions']} held-out questions (95% CI)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _report(p, out, resume):
     return [ReportConfig(run=str(out), out=str(out / "report"))]
 
@@ -702,7 +1033,6 @@ def stages(p: PipelineConfig) -> list[Stage]:
     out: list[Stage] = []
     if p.data.source == "synth":
         out.append(Stage("synth", (), ("raw",), _synth, _run_one("pipelines.synth:synth")))
-    sp = p.annotate_split
     out += [
         Stage("prepare", ("synth",) if p.data.source == "synth" else (), ("data",), _prepare,
               _run_one("pipelines.data:prepare")),
@@ -710,6 +1040,31 @@ def stages(p: PipelineConfig) -> list[Stage]:
         Stage("split", ("prepare",), ("splits",), _split, _run_one("pipelines.data:split")),
         Stage("index", ("prepare",), ("index",), _index, _run_one("pipelines.index:build")),
         Stage("candidates", ("prepare", "index"), ("candidates",), _candidates, _run_one("pipelines.candidates:run")),
+    ]  # fmt: skip
+    if p.judge is not None:
+        out += _relevance_stages(p)
+    if p.rag is not None:
+        out += [
+            Stage("rag_utility", ("candidates", "split"), ("rag/train", "rag/utility"), _rag_utility,
+                  _run_rag_utility, resumable=True),
+            Stage("rag_retrievers", ("rag_utility", "index", "split"),
+                  tuple(f"rag/retriever-{s}" for s in p.rag.label_sources), _rag_retrievers, _run_rag_retrievers,
+                  resumable=True),
+            Stage("rag_indexes", ("rag_retrievers", "prepare"), tuple(f"rag/index-{s}" for s in p.rag.label_sources),
+                  _rag_indexes, _run_rag_indexes),
+            Stage("rag_eval", ("rag_indexes", "index", "split"), ("rag-eval",), _rag_eval, _run_rag_eval,
+                  resumable=True),
+        ]  # fmt: skip
+    if p.serve.check:
+        out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))
+    out.append(Stage("report", tuple(s.name for s in out), ("report",), _report, _run_report))
+    return out
+
+
+def _relevance_stages(p: PipelineConfig) -> list[Stage]:
+    """Paper 1's half: the judge, its annotation of the pool, the rankers and the judge-labelled retriever."""
+    sp = p.annotate_split
+    out = [
         Stage("pool", ("candidates", "split"), ("pool",), _pool, _run_pool),
         Stage("judge", ("split",), ("judge",), _judge, _run_one("pipelines.finetune_judge:finetune"), resumable=True),
         Stage("annotate", ("judge", "split"), ("judgments",), _annotate_on(f"splits/{sp}/pairs", "judgments"),
@@ -741,9 +1096,6 @@ def stages(p: PipelineConfig) -> list[Stage]:
             Stage("utility_eval", ("utility", "annotate", "features_test"), ("utility-eval",), _utility_eval,
                   _run_utility_eval),
         ]  # fmt: skip
-    if p.serve.check:
-        out.append(Stage("serve", ("rankers", "index", "judge"), ("serve",), _serve, _run_serve))
-    out.append(Stage("report", tuple(s.name for s in out), ("report",), _report, _run_report))
     return out
 
 

@@ -132,6 +132,40 @@ def test_shipped_pipelines_load_and_wire_every_stage(name):
         assert rt.use_gpu and rt.num_workers == 4
 
 
+def test_hotpotqa_pipeline_is_paper_2_without_a_judge(tmp_path):
+    p = load_config(PipelineConfig, REPO / "configs" / "hotpotqa.yaml")
+    built = {s.name: s.configs(p, Path(p.out), False) for s in stages(p)}
+    assert list(built) == ["prepare", "validate", "split", "index", "candidates", "rag_utility", "rag_retrievers",
+                           "rag_indexes", "rag_eval", "report"]  # fmt: skip
+    sample, ann = built["rag_utility"]
+    assert sample.queries.endswith("splits/train/queries") and ann.mode == "answer-likelihood"
+    retrievers = {Path(c.out).name: c for c in built["rag_retrievers"]}
+    assert [c.labels.source for c in retrievers.values()] == ["human", "utility", "curriculum"]
+    assert retrievers["retriever-utility_h20"].labels.human_fraction == 0.2
+    for c in retrievers.values():
+        assert c.exclude_queries == [f"{p.out}/splits/test/queries"] and c.val == [
+            f"{p.out}/splits/val/qrels"
+        ]
+        assert c.labels.min_grade == 1
+    evals = {Path(c.out).name: c for c in built["rag_eval"]}
+    assert set(evals) == {"bm25", "minilm", "human", "utility", "utility_h20", "brackets"}
+    assert all(c.questions == f"{p.out}/splits/test/questions" and c.k == 5 for c in evals.values())
+    assert evals["brackets"].systems == ["closed_book", "oracle"] and evals["human"].index.endswith(
+        "rag/index-human"
+    )
+    # the relevance half off needs its dependants off too, named
+    with pytest.raises(ConfigError, match="retriever: null"):
+        load_config(PipelineConfig, REPO / "configs" / "hotpotqa.yaml", ["retriever={}"])
+    with pytest.raises(ConfigError, match="rag needs a val split"):
+        load_config(PipelineConfig, REPO / "configs" / "hotpotqa.yaml",
+                    ["data.split.fractions={train: 0.7, val: 0, test: 0.3}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rag\.retriever\.labels: set by the pipeline"):
+        p = load_config(
+            PipelineConfig, REPO / "configs" / "hotpotqa.yaml", ["rag.retriever.labels={source: human}"]
+        )
+        _ = [s.configs(p, Path(p.out), False) for s in stages(p)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,6 +193,16 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
         sets += [f"utility.settings.judge={lm}", "utility.settings.dtype=fp32", "utility.questions=2",
                  "utility.settings.concurrency=[1,1]", "utility.settings.num_cpus_per_actor=1",
                  "utility.settings.num_gpus_per_actor=0", "utility.settings.autoscaling_cluster=false"]  # fmt: skip
+    if p.rag is not None:
+        sets += ["rag.train_questions=null", "rag.questions=4", f"rag.utility.judge={lm}", "rag.utility.dtype=fp32",
+                 "rag.utility.concurrency=[1,1]", "rag.utility.num_cpus_per_actor=1", "rag.utility.num_gpus_per_actor=0",
+                 "rag.utility.autoscaling_cluster=false", f"rag.retriever.base_model={encoder}",
+                 "rag.retriever.batch_size=1", "rag.retriever.group_size=4", "rag.retriever.num_workers=1",
+                 "rag.retriever.epochs=1", "rag.retriever.use_gpu=false", "rag.retriever.cpus_per_worker=1",
+                 "rag.retriever.val_distractors=20", "rag.retriever.max_passage_length=32",
+                 "rag.retriever.eval_every=null", f"rag.eval.generator={lm}", "rag.eval.dtype=fp32",
+                 "rag.eval.max_new_tokens=4", "rag.eval.concurrency=[1,1]", "rag.eval.num_cpus_per_actor=1",
+                 "rag.eval.num_gpus_per_actor=0"]  # fmt: skip
     if p.data.source == "synth":
         sets += ["data.synth.entities=12", "data.synth.distractors=2", "data.synth.random_negatives=1"]
     elif not Path(p.data.src).exists():  # a cluster volume: the same data from the shared folder
@@ -190,7 +234,8 @@ def test_the_whole_pipeline_runs_and_a_rerun_does_nothing(full_run):
     out = Path(p.out)
     for d in ("candidates", "pool", "judge", "judgments", "judgments-pool", "judge-eval", "ranker-human",
               "ranker-judge", "ranker-mix", "ranker-curriculum", "rank-eval", "augment", "index", "serve", "report",
-              "retriever", "retriever-index", "retriever-eval", "utility", "utility-eval"):  # fmt: skip
+              "retriever", "retriever-index", "retriever-eval", "utility", "utility-eval", "rag/utility",
+              "rag/retriever-utility_h20", "rag/index-human", "rag-eval/brackets"):  # fmt: skip
         assert (out / d).exists(), d
     assert r.report == str(out / "report" / "index.html")
     again = run(p, echo=_quiet)
@@ -239,6 +284,18 @@ def test_no_test_query_is_judged_for_the_rankers_or_trains_anything(full_run):
     }
     u = json.loads((out / "utility-eval" / "summary.json").read_text())
     assert {"relsel", "utility-sel", "answer-likelihood", "judge"} <= set(u["rows"]) and u["questions"] >= 1
+    # paper 2's experiment: utility labels and retrievers from train questions only; RAG answers test questions
+    annotated = set(read_table(out / "rag" / "utility").column("qid").to_pylist())
+    train_q = set(splits.filter(pc.equal(splits.column("split"), "train")).column("qid").to_pylist())
+    assert annotated and annotated <= train_q
+    for src in ("human", "utility", "utility_h20"):
+        card = json.loads((out / "rag" / f"retriever-{src}" / "retriever_card.json").read_text())
+        assert set(card["data"]["validation_queries"]) <= val_q
+    rag = json.loads((out / "rag-eval" / "summary.json").read_text())
+    assert set(rag["rows"]) == {"bm25", "minilm", "human", "utility", "utility_h20", "closed_book", "oracle"}
+    answered = set(read_table(out / "rag-eval" / "utility_h20" / "rows").column("qid").to_pylist())
+    assert answered and answered <= test_q and rag["rows"]["oracle"]["supporting_recall"] == 1.0
+    assert "answer_recall_vs_human" in rag["rows"]["utility"]
     m = json.loads((out / "pipeline.json").read_text())
     assert set(m["splits_use"]) == {"train", "val", "unlabelled", "test"} and m["held_out_split"] == "test"
 
@@ -278,6 +335,7 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
         "Utility annotation",
         "Ranking",
         "Retrieval and serving",
+        "RAG",
         "Configs",
     ]
     assert html.count('src="data:image/png;base64,') >= 5 and "did not run" not in html
