@@ -6,7 +6,7 @@
     OUT/docs/part-*.parquet      docid, text, title, url
     OUT/qrels/part-*.parquet     qid, docid, label
     OUT/pairs/part-*.parquet     qid, docid, query, text, label[, answers]   (every judged pair, with its texts)
-    OUT/questions/part-*.parquet qid, question, answers[, supporting]   (when the queries carry gold answers)
+    OUT/questions/part-*.parquet qid, question, answers, supporting   (every query as a question)
     OUT/rejected/part-*.parquet  table, source, line, reason, raw (rows that could not be used, and why)
     OUT/config.yaml, OUT/manifest.json
 
@@ -15,10 +15,11 @@ ids, empty queries, duplicate keys, unknown grades and dangling references are r
 dropped silently and never a traceback. Splits are by query (``augrel data split``): a query never sits in
 two splits, and queries without a human label form the ``unlabelled`` split.
 
-The ``questions`` table is what RAG evaluation reads: written when the queries carry gold answers (hotpotqa
-always; beir when ``queries.jsonl`` has ``metadata.answers``, as ``augrel data synth`` writes it; pairs
+The ``questions`` table is what RAG evaluation reads: every query, with its gold answers where the data has them
+(hotpotqa always; beir when ``queries.jsonl`` has ``metadata.answers``, as ``augrel data synth`` writes it; pairs
 with an ``answers`` column). A question without a gold answer is kept with an empty ``answers`` list and
-counted (``questions_without_answer``). ``supporting`` lists the docids with a human grade of at least
+counted (``questions_without_answer``): RAG evaluation still retrieves and answers it and scores its supporting
+recall, and leaves it out of EM / F1 (a collection without answers, e.g. TREC DL, gets retrieval figures only). ``supporting`` lists the docids with a human grade of at least
 ``supporting_min_grade`` (hotpotqa: the ``is_supporting`` paragraphs).
 """
 
@@ -555,10 +556,7 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         for name, table in (("queries", queries), ("docs", docs), ("qrels", qrels), ("pairs", pairs)):
             write_table(out / name, table, cfg.rows_per_file)
         write_table(out / "rejected", rejected, cfg.rows_per_file)
-        if questions is not None:
-            write_table(out / "questions", questions, cfg.rows_per_file)
-        else:
-            _remove_table(out / "questions")
+        write_table(out / "questions", questions, cfg.rows_per_file)
     counts = {
         "queries": queries.num_rows,
         "docs": docs.num_rows,
@@ -567,13 +565,11 @@ def prepare(cfg: PrepareConfig) -> StageResult:
         "judged_queries": len(pc.unique(pairs.column("qid"))),
         "rejected": rejected.num_rows,
     }
-    written = ["queries", "docs", "qrels", "pairs"]
-    if questions is not None:
-        counts["questions"] = questions.num_rows
-        counts["questions_without_answer"] = int(
-            pc.sum(pc.equal(pc.list_value_length(questions.column("answers")), 0)).as_py() or 0
-        )
-        written.append("questions")
+    written = ["queries", "docs", "qrels", "pairs", "questions"]
+    counts["questions"] = questions.num_rows
+    counts["questions_without_answer"] = int(
+        pc.sum(pc.equal(pc.list_value_length(questions.column("answers")), 0)).as_py() or 0
+    )
     grades_hist = {str(g): int(n) for g, n in sorted(_value_counts(qrels.column("label")).items())}
     reasons = {str(k): int(v) for k, v in _value_counts(rejected.column("reason")).items()}
     return write_stage_files(
@@ -587,15 +583,15 @@ def prepare(cfg: PrepareConfig) -> StageResult:
     )
 
 
-def build_questions(queries: pa.Table, qrels: pa.Table, min_grade: int) -> pa.Table | None:
-    """The questions table (qid, question, answers, supporting); None when the queries carry no gold answers.
+def build_questions(queries: pa.Table, qrels: pa.Table, min_grade: int) -> pa.Table:
+    """The questions table (qid, question, answers, supporting) of every query.
 
-    A query without answers gets an empty list (kept, excluded from EM / F1 downstream). ``supporting`` holds
+    A query without answers (or a collection without any) gets an empty list (kept, excluded from EM / F1 downstream). ``supporting`` holds
     the docids graded at least ``min_grade``, in qrels order; null for a question with no human label at all,
     so "no gold passage" and "never judged" stay apart.
     """
     if "answers" not in queries.column_names:
-        return None
+        queries = queries.append_column("answers", pa.nulls(queries.num_rows, pa.list_(pa.string())))
     answers = queries.column("answers")
     answers = pc.fill_null(answers, pa.scalar([], answers.type))
     gold = qrels.filter(pc.greater_equal(qrels.column("label"), min_grade))

@@ -372,16 +372,16 @@ def test_beir_with_answers_writes_questions_supporting_by_min_grade(tmp_path):
     assert read_table(out2 / "questions").column("supporting").to_pylist() == [["d1"], [], None]
 
 
-def test_beir_without_answers_writes_no_questions_table(tmp_path):
+def test_beir_without_answers_writes_questions_without_answers(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     _write_beir(src, [{"_id": "1", "text": "what is x", "metadata": {"answers": "x"}}])
     prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
-    assert (out / "questions").is_dir()
+    assert read_table(out / "questions").column("answers").to_pylist() == [["x"]]
     (src / "queries.jsonl").write_text(json.dumps({"_id": "1", "text": "what is x"}) + "\n")
     r = prepare(PrepareConfig(format="beir", src=str(src), out=str(out)))
-    # the earlier run's questions must not pass for this run's
-    assert not (out / "questions").exists() and "questions" not in r.counts
-    assert "questions" not in json.loads((out / "manifest.json").read_text())["tables"]
+    # every query is a question; with no gold answer it is kept and counted (RAG scores its retrieval only)
+    assert read_table(out / "questions").column("answers").to_pylist() == [[]]
+    assert r.counts["questions"] == r.counts["questions_without_answer"] == 1
 
 
 def test_pairs_with_answers_write_questions(tmp_path):
@@ -419,7 +419,8 @@ def test_split_writes_each_splits_questions_by_qid(synth_dataset, tmp_path):
         assert r.counts[f"{name}.questions"] == questions.num_rows
         total += questions.num_rows
     assert total == read_table(synth_dataset / "questions").num_rows > 0
-    # a dataset without questions gets none in its splits, even where an earlier split wrote some
+    # a dataset without questions (prepared before there were any) gets none in its splits, even where an
+    # earlier split wrote some
     data = tmp_path / "data"
     for t in ("queries", "qrels", "pairs"):
         write_table(data / t, read_table(synth_dataset / t))
