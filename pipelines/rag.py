@@ -5,13 +5,15 @@
     OUT/metrics.json (per system: EM, F1, answer recall@k, supporting recall@k, 95% CIs over questions),
     OUT/table.md, OUT/config.yaml, OUT/manifest.json
 
-Three systems, each a set of partitions of the same questions:
+Systems, each a set of partitions of the same questions:
 
 - ``retrieved``: the top ``k`` passages from the index (BM25, or dense with the encoder the index was built
   with; the same :class:`retrieval.candidates.CandidateGenerator` that ``candidates`` and ``index search`` use);
 - ``closed_book``: no passage (k = 0), the floor: what the generator knows without retrieval;
 - ``oracle``: the gold supporting passages (``supporting`` in the questions table, or ``--qrels``), the ceiling
-  of this generator with perfect retrieval. Skipped, and said, when no question has one.
+  of this generator with perfect retrieval. Skipped, and said, when no question has one;
+- one more per entry of ``retrievers`` (name -> index, retriever): several retrievers compared in one pass, each
+  actor loading the generator once (a 9B model takes minutes to load; ``augrel run`` compares five this way).
 
 A partition is written whole, atomically, named after its system and position, and ``--resume`` runs only the
 partitions without a file: a killed actor or job costs the partitions it held, never a duplicate row. A
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.loading import DEFAULT_JUDGE
 from pipelines.errors import ConfigError, DataError
@@ -72,6 +74,17 @@ ROW_SCHEMA = pa.schema([
 _TAGS = pa.schema([("_part", pa.string()), ("_pos", pa.int64()), ("_expect", pa.int64())])
 
 
+class Retrieval(BaseModel):
+    """One retrieved system: an index directory and how to search it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: str = Field(description="index directory (augrel index build)")
+    retriever: str = Field(
+        "bm25", description="bm25, dense, or the encoder directory the index was built with"
+    )
+
+
 class RagEvalConfig(StageConfig):
     """``augrel rag eval``: which questions, which retrieval, which generator, which systems, on what resources."""
 
@@ -90,6 +103,10 @@ class RagEvalConfig(StageConfig):
     generator: str = Field(
         DEFAULT_JUDGE, description="causal LM hub id or path (default: the packaged Gemma 3 270M)"
     )
+    retrievers: dict[str, Retrieval] = Field(
+        default_factory=dict, description="more retrieved systems answered in the same pass: name -> {index, "
+        "retriever} (the generator is loaded once per actor for all of them)",
+    )  # fmt: skip
     qrels: str | None = Field(
         None, description="gold supporting passages (qrels or pairs table, label >= min_grade), when the "
         "questions table has no supporting column",
@@ -132,7 +149,15 @@ class RagEvalConfig(StageConfig):
             raise ValueError(f"concurrency: expected 1 <= min <= max, got {list(self.concurrency)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite: pick one")
-        need = [s for s in self.run_systems if s != "closed_book"]
+        clash = sorted(set(self.retrievers) & set(SYSTEMS))
+        if clash:
+            raise ValueError(f"retrievers.{clash[0]}: a name of a built-in system; choose another")
+        bad = [n for n in self.retrievers if not n or "-" in n or "/" in n]
+        if bad:
+            raise ValueError(
+                f"retrievers.{bad[0]!r}: a name without '-' or '/' (it names the partition files)"
+            )
+        need = [s for s in self.run_systems if s in ("retrieved", "oracle")]
         if self.index is None and need:
             raise ValueError(f"index: required for the systems {need}")
         return self
@@ -142,7 +167,17 @@ class RagEvalConfig(StageConfig):
         """The systems run: with k = 0, retrieval is the closed book."""
         if self.k == 0:
             return list(dict.fromkeys("closed_book" if s == "retrieved" else s for s in self.systems))
-        return list(self.systems)
+        return [*self.systems, *self.retrievers]
+
+    def retrievals(self) -> dict[str, Retrieval]:
+        """Every retrieved system run: ``retrieved`` (index, retriever) and the named ``retrievers``."""
+        runs = self.run_systems
+        main = (
+            {"retrieved": Retrieval(index=self.index, retriever=self.retriever)}
+            if "retrieved" in runs
+            else {}
+        )
+        return {**main, **{n: r for n, r in self.retrievers.items() if n in runs}}
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -192,36 +227,43 @@ def _supporting_from_qrels(cfg: RagEvalConfig, qids: list[str]) -> pa.Array:
     return pa.array([sorted(gold[q]) if q in gold else None for q in qids], pa.list_(pa.string()))
 
 
-def check_index(cfg: RagEvalConfig) -> tuple[str | None, int, int]:
-    """(the retriever kind the actors use, the corpus size, k capped at it); errors name what is missing."""
-    import json as _json
-
+def _corpus_size(index: str) -> int:
     from retrieval.docstore import DocStore
 
-    if cfg.index is None:
-        return None, 0, 0
-    index = Path(cfg.index)
-    if not (index / "docstore").is_dir():
-        raise DataError(f"index {cfg.index}: no docstore/ (build it with `augrel index build`)")
-    n_docs = len(DocStore.open(index / "docstore"))
-    if n_docs == 0:
-        raise DataError(f"index {cfg.index}: the corpus is empty: nothing to retrieve")
-    kind = None
-    if "retrieved" in cfg.run_systems:
-        kind = "bm25" if cfg.retriever == "bm25" else "dense"
-        if not (index / kind).is_dir():
-            raise DataError(f"index {cfg.index}: no {kind}/ (build it with `augrel index build`"
+    if not (Path(index) / "docstore").is_dir():
+        raise DataError(f"index {index}: no docstore/ (build it with `augrel index build`)")
+    n = len(DocStore.open(Path(index) / "docstore"))
+    if n == 0:
+        raise DataError(f"index {index}: the corpus is empty: nothing to retrieve")
+    return n
+
+
+def check_indexes(cfg: RagEvalConfig) -> dict[str, dict[str, Any]]:
+    """Per retrieved system: its index, the retriever kind the actors use, the corpus size and k capped at it.
+    Errors name what is missing; an encoder directory must be the one the index's vectors were made with."""
+    if cfg.index is not None:
+        _corpus_size(cfg.index)  # the oracle's passages come from it
+    out = {}
+    for name, r in cfg.retrievals().items():
+        field = "retriever" if name == "retrieved" else f"retrievers.{name}.retriever"
+        n_docs = _corpus_size(r.index)
+        kind = "bm25" if r.retriever == "bm25" else "dense"
+        if not (Path(r.index) / kind).is_dir():
+            raise DataError(f"index {r.index}: no {kind}/ (build it with `augrel index build`"
                             + (", dense: true" if kind == "dense" else "") + ")")  # fmt: skip
-        if cfg.retriever not in ("bm25", "dense"):
-            built = _json.loads((index / "dense" / "dense.json").read_text()).get("encoder")
-            if built is None or not _same_path(built, cfg.retriever):
-                raise ConfigError(f"retriever: {cfg.retriever} is not the encoder the index's vectors were made "
-                                  f"with ({built or 'the packaged MiniLM'}): build an index with "
-                                  f"`augrel index build --set encoder={cfg.retriever}` and pass that")  # fmt: skip
-    k = min(cfg.k, n_docs)
-    if k < cfg.k:
-        log.warning("k=%d is larger than the corpus (%d passages): capped at %d", cfg.k, n_docs, k)
-    return kind, n_docs, k
+        if r.retriever not in ("bm25", "dense"):
+            built = json.loads((Path(r.index) / "dense" / "dense.json").read_text()).get("encoder")
+            if built is None or not _same_path(built, r.retriever):
+                raise ConfigError(f"{field}: {r.retriever} is not the encoder the index's vectors were made with "
+                                  f"({built or 'the packaged MiniLM'}): build an index with "
+                                  f"`augrel index build --set encoder={r.retriever}` and pass that")  # fmt: skip
+        k = min(cfg.k, n_docs)
+        if k < cfg.k:
+            log.warning(
+                "%s: k=%d is larger than the corpus (%d passages): capped at %d", name, cfg.k, n_docs, k
+            )
+        out[name] = {"index": r.index, "kind": kind, "corpus": n_docs, "k": k}
+    return out
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -241,36 +283,48 @@ class RagActor:
     loaded once per actor; every question of a call is generated in one batched pass.
     """
 
-    def __init__(self, index: str | None, retriever: str | None, k: int, generator: str, prompt: dict[str, Any],
-                 dtype: str, batch_size: int, threads: int, device: str):  # fmt: skip
+    def __init__(self, index: str | None, retrievals: dict[str, dict[str, Any]], generator: str,
+                 prompt: dict[str, Any], dtype: str, batch_size: int, threads: int, device: str):  # fmt: skip
         import torch
 
         from models.generator import RagPrompt, load_generator
 
         torch.set_num_threads(threads)
-        self.k = k
-        self.docs = self.retrieve = None
-        if index is not None:
-            from retrieval.docstore import DocStore
-
-            self.docs = DocStore.open(Path(index) / "docstore")
-            if retriever is not None and k > 0:
-                import faiss
-
-                from retrieval.candidates import CandidateGenerator, CandidateParams
-
-                faiss.omp_set_num_threads(threads)
-                self.retrieve = CandidateGenerator(index, CandidateParams(k=k, retrievers=(retriever,)),
-                                                   device=device)  # fmt: skip
+        self.threads, self.device = threads, device
+        self.index, self.retrievals = index, retrievals
+        self.searchers: dict[
+            str, Any
+        ] = {}  # loaded on first use: an actor may never see a system's partitions
+        self.stores: dict[str, Any] = {}
         self.gen = load_generator(generator, prompt=RagPrompt(**prompt), dtype=dtype, device=device,
                                   batch_size=batch_size)  # fmt: skip
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
-    def _passages(self, docids: list[str]):
+    def _store(self, index: str):
+        from retrieval.docstore import DocStore
+
+        if index not in self.stores:
+            self.stores[index] = DocStore.open(Path(index) / "docstore")
+        return self.stores[index]
+
+    def _searcher(self, name: str):
+        if name not in self.searchers:
+            import faiss
+
+            from retrieval.candidates import CandidateGenerator, CandidateParams
+
+            faiss.omp_set_num_threads(self.threads)
+            r = self.retrievals[name]
+            self.searchers[name] = CandidateGenerator(r["index"], CandidateParams(k=r["k"], retrievers=(r["kind"],)),
+                                                      device=self.device)  # fmt: skip
+        return self.searchers[name]
+
+    def _passages(self, index: str, docids: list[str]):
         from models.generator import Passage
 
-        known = [d for d in docids if d in self.docs]
-        got = self.docs.get(known).to_pylist() if known else []
+        store = self._store(index)
+        known = [d for d in docids if d in store]
+        got = store.get(known).to_pylist() if known else []
         return [Passage(r["docid"], r["text"] or "", r["title"]) for r in got], len(docids) - len(known)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -280,21 +334,21 @@ class RagActor:
         rows = batch.to_pylist()
         contexts, missing = [], 0
         retrieved: dict[int, list[str]] = {}
-        todo = [i for i, r in enumerate(rows) if r["_system"] == "retrieved"]
-        if todo:
-            cands = self.retrieve([rows[i]["qid"] for i in todo], [rows[i]["question"] for i in todo])
+        for name in dict.fromkeys(r["_system"] for r in rows if r["_system"] in self.retrievals):
+            todo = [i for i, r in enumerate(rows) if r["_system"] == name]
+            cands = self._searcher(name)([rows[i]["qid"] for i in todo], [rows[i]["question"] for i in todo])
             by_qid: dict[str, list[str]] = defaultdict(list)
             for q, d in zip(cands.column("qid").to_pylist(), cands.column("docid").to_pylist(), strict=True):
                 by_qid[q].append(d)
-            retrieved = {i: by_qid.get(rows[i]["qid"], []) for i in todo}
+            retrieved.update({i: by_qid.get(rows[i]["qid"], []) for i in todo})
         for i, r in enumerate(rows):
-            if r["_system"] == "retrieved":
-                docids = retrieved[i]
+            if i in retrieved:
+                docids, index = retrieved[i], self.retrievals[r["_system"]]["index"]
             elif r["_system"] == "oracle":
-                docids = list(r["supporting"] or [])
+                docids, index = list(r["supporting"] or []), self.index
             else:
-                docids = []
-            passages, lost = self._passages(docids) if docids else ([], 0)
+                docids, index = [], None
+            passages, lost = self._passages(index, docids) if docids else ([], 0)
             missing += lost
             contexts.append(passages)
         answers = self.gen.generate([r["question"] for r in rows], contexts)
@@ -405,7 +459,7 @@ def _tag(name: str, system: str, q: pa.Table) -> pa.Table:
             .append_column("_expect", pa.array([n] * n, pa.int64())))  # fmt: skip
 
 
-def transform(blocks: list[pa.Table], cfg: RagEvalConfig, retriever: str | None, k: int):
+def transform(blocks: list[pa.Table], cfg: RagEvalConfig, retrievals: dict[str, dict[str, Any]]):
     """Lazy Ray Data pipeline: one block per partition -> RAG actors -> write tasks -> a summary per partition."""
     import ray.data
 
@@ -415,7 +469,7 @@ def transform(blocks: list[pa.Table], cfg: RagEvalConfig, retriever: str | None,
     prompt = {"passage_tokens": cfg.passage_tokens, "max_new_tokens": cfg.max_new_tokens}
     ds = ds.map_batches(
         RagActor, batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs={"index": cfg.index, "retriever": retriever, "k": k, "generator": cfg.generator,
+        fn_constructor_kwargs={"index": cfg.index, "retrievals": retrievals, "generator": cfg.generator,
                                "prompt": prompt, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "threads": max(1, round(cfg.num_cpus_per_actor)),
                                "device": device_for_gpus(cfg.num_gpus_per_actor)},
@@ -446,7 +500,7 @@ def _prepare_out(cfg: RagEvalConfig, plan: dict[str, Any]) -> set[str]:
         if not cfg.resume:
             raise ConfigError(f"out: {out} holds a rag eval run ({len(done)} of {len(old['parts'])} partitions "
                               "done): pass --resume to finish it, or --overwrite to start again")  # fmt: skip
-        for key in ("questions", "index", "retriever", "k", "generator", "prompt", "partition_questions"):
+        for key in ("questions", "index", "retrievals", "generator", "prompt", "partition_questions"):
             if old.get(key) != plan.get(key):
                 raise ConfigError(f"--resume: '{key}' changed since the run in {out} began (was {old.get(key)!r}, "
                                   f"now {plan.get(key)!r}); use --overwrite")  # fmt: skip
@@ -481,7 +535,7 @@ def _progress(total: int):
 # ------------------------------------------------------------------------------------------ results
 
 
-def summarize_rows(rows: pa.Table, cfg: RagEvalConfig, k: int) -> dict[str, Any]:
+def summarize_rows(rows: pa.Table, cfg: RagEvalConfig, ks: dict[str, int]) -> dict[str, Any]:
     """Per system: means with 95% CIs over questions, and the counts a reader needs to trust them."""
     from eval.rag import summarize
 
@@ -495,7 +549,7 @@ def summarize_rows(rows: pa.Table, cfg: RagEvalConfig, k: int) -> dict[str, Any]
         answers = part.column("answer").to_pylist()
         systems[system] = {
             **s,
-            "k": k if system == "retrieved" else 0 if system == "closed_book" else None,
+            "k": ks.get(system, 0 if system == "closed_book" else None),
             "questions": part.num_rows,
             "without_gold_answer": int(part.column("em").null_count),
             "empty_answers": sum(1 for a in answers if not (a or "").strip()),
@@ -541,10 +595,11 @@ def run(cfg: RagEvalConfig) -> StageResult:
                 raise DataError(
                     "systems: only oracle asked for, and no question has gold supporting passages"
                 )
-        retriever, n_docs, k = check_index(cfg)
+        retrievals = check_indexes(cfg)
+        ks = {n: r["k"] for n, r in retrievals.items()}
         prompt = RagPrompt(passage_tokens=cfg.passage_tokens, max_new_tokens=cfg.max_new_tokens)
         parts = plan_partitions(questions, systems, cfg.partition_questions)
-        plan = {"questions": _fingerprint(questions), "index": str(cfg.index), "retriever": cfg.retriever, "k": k,
+        plan = {"questions": _fingerprint(questions), "index": str(cfg.index), "retrievals": retrievals,
                 "generator": cfg.generator, "prompt": prompt.version, "partition_questions": cfg.partition_questions,
                 "parts": [name for name, _ in parts]}  # fmt: skip
         done = _prepare_out(cfg, plan)
@@ -562,7 +617,7 @@ def run(cfg: RagEvalConfig) -> StageResult:
             fragments: set[str] = set()
             t0 = time.perf_counter()
             with _progress(sum(expect.values())) as bar:
-                for batch in transform(blocks, cfg, retriever, k).iter_batches(
+                for batch in transform(blocks, cfg, retrievals).iter_batches(
                     batch_size=None, batch_format="pyarrow"
                 ):
                     for row in batch.to_pylist():
@@ -589,16 +644,21 @@ def run(cfg: RagEvalConfig) -> StageResult:
             raise DataError(
                 f"{rows.num_rows} rows in {out}/rows, {questions.num_rows} x {len(systems)} expected"
             )
-        summary = summarize_rows(rows, cfg, k)
+        summary = summarize_rows(rows, cfg, ks)
         if rejected.num_rows:
             from pipelines.io import write_table
 
             write_table(out / "rejected", rejected)
-    caption = (f"RAG on {questions.num_rows} questions: generator {cfg.generator}, retriever {cfg.retriever}"
-               f"{' (index ' + str(cfg.index) + ')' if cfg.index else ''}, top {k}; 95% CIs over questions.")  # fmt: skip
-    metrics = {"caption": caption, "systems": summary, "retriever": cfg.retriever, "index": cfg.index,
+    k = max(ks.values(), default=0)
+    shown = (
+        ", ".join(f"{n}: {r['kind']} over {r['index']}" for n, r in retrievals.items())
+        or "none (closed book)"
+    )
+    caption = (f"RAG on {questions.num_rows} questions: generator {cfg.generator}, top {k}; retrieval {shown}; "
+               "95% CIs over questions.")  # fmt: skip
+    metrics = {"caption": caption, "systems": summary, "retrievals": retrievals, "index": cfg.index,
                "generator": cfg.generator, "prompt_version": prompt.version, "k": k, "k_requested": cfg.k,
-               "corpus": n_docs, "questions_per_s": round(generated / t_run, 4) if generated and t_run else None,
+               "questions_per_s": round(generated / t_run, 4) if generated and t_run else None,
                "questions_per_busy_s": round(generated / busy, 4) if generated and busy else None,
                "questions_per_s_per_actor": {a: round(n / s, 4) if s else None for a, (n, s) in per_actor.items()},
                "oracle_passages_missing": missing}  # fmt: skip
@@ -608,5 +668,8 @@ def run(cfg: RagEvalConfig) -> StageResult:
               "without_gold_answer": int(questions.num_rows - sum(1 for a in questions.column("answers").to_pylist()
                                                                   if any((x or "").strip() for x in (a or [])))),
               "rejected": rejected.num_rows}  # fmt: skip
-    return write_stage_files(out, "rag.eval", cfg, counts, [cfg.questions] + ([cfg.index] if cfg.index else []),
+    indexes = list(
+        dict.fromkeys([*([cfg.index] if cfg.index else []), *(r["index"] for r in retrievals.values())])
+    )
+    return write_stage_files(out, "rag.eval", cfg, counts, [cfg.questions, *indexes],
                              timer.seconds, metrics)  # fmt: skip

@@ -701,28 +701,25 @@ def rag_rows(p: PipelineConfig) -> dict[str, tuple[str, str]]:
 
 
 def _rag_eval(p, out, resume):
-    """A rag eval per retriever (top k only), then one with the closed-book and oracle brackets."""
+    """One rag eval over every retriever and both brackets: the generator is loaded once per actor for all."""
     from pipelines.rag import RagEvalConfig
 
     split = out / "splits" / p.annotate_split
-    base = {"questions": str(split / "questions"), "qrels": str(split / "qrels"), "min_grade": p.rag.min_grade,
-            "limit": p.rag.questions, "resume": resume, "overwrite": not resume}  # fmt: skip
-    cfgs = []
-    for name, (idx, kind) in rag_rows(p).items():
-        wired = {**base, "index": str(out / idx), "retriever": kind, "systems": ["retrieved"],
-                 "out": str(out / "rag-eval" / name)}  # fmt: skip
-        cfgs.append(_cfg(RagEvalConfig, "rag.eval", p.rag.eval, wired))
-    wired = {**base, "index": str(out / "index"), "systems": ["closed_book", "oracle"],
-             "out": str(out / "rag-eval" / "brackets")}  # fmt: skip
-    cfgs.append(_cfg(RagEvalConfig, "rag.eval", p.rag.eval, wired))
-    return cfgs
+    retrievers = {
+        name: {"index": str(out / idx), "retriever": kind} for name, (idx, kind) in rag_rows(p).items()
+    }
+    wired = {"questions": str(split / "questions"), "qrels": str(split / "qrels"), "min_grade": p.rag.min_grade,
+             "limit": p.rag.questions, "index": str(out / "index"), "systems": ["closed_book", "oracle"],
+             "retrievers": retrievers, "out": str(out / "rag-eval" / "answers"), "resume": resume,
+             "overwrite": not resume}  # fmt: skip
+    return [_cfg(RagEvalConfig, "rag.eval", p.rag.eval, wired)]
 
 
 def _run_rag_eval(cfgs):
     from pipelines.rag import run as rag_eval
 
-    results = {Path(c.out).name: rag_eval(c).extra for c in cfgs}
-    summary = rag_summary(results, Path(cfgs[0].out).parent)
+    r = rag_eval(cfgs[0])
+    summary = rag_summary(r.extra, Path(cfgs[0].out))
     return {"answer_recall": {k: v.get("answer_in_context") for k, v in summary["rows"].items()},
             "em": {k: v.get("em") for k, v in summary["rows"].items()}, "questions": summary["questions"],
             "questions_per_s": summary["questions_per_s"]}  # fmt: skip
@@ -734,27 +731,29 @@ RAG_LABELS = {"bm25": "BM25", "minilm": "MiniLM (off the shelf)", "human": "fine
               "closed_book": "closed book (no passage)", "oracle": "oracle (gold supporting passages)"}  # fmt: skip
 
 
-def rag_summary(results: dict[str, dict], out: Path) -> dict[str, Any]:
-    """rag-eval/summary.json, table.md and rag.png: a row per retriever and bracket with its 95% CIs, and the
-    paired difference in answer recall of each fine-tuned retriever against the human-trained one."""
+def rag_summary(metrics: dict[str, Any], answers: Path) -> dict[str, Any]:
+    """rag-eval/summary.json, table.md and rag.png beside ``answers`` (the rag eval's directory): a row per
+    retriever and bracket with its 95% CIs, and the paired difference in answer recall of each fine-tuned
+    retriever against the human-trained one."""
     from eval.rag import paired_difference
     from pipelines.io import read_table
 
+    out = answers.parent
+    order = [*RAG_LABELS, *metrics["systems"]]
     rows: dict[str, dict[str, Any]] = {}
+    for key in sorted(metrics["systems"], key=order.index):
+        s = metrics["systems"][key]
+        rows[key] = {"name": RAG_LABELS.get(key, key), "k": s["k"], "questions": s["questions"],
+                     **{m: (s.get(m) or {}).get("mean") for m in ("em", "f1", "answer_in_context", "supporting_recall")},
+                     **{f"{m}_ci95": [(s.get(m) or {}).get("ci_low"), (s.get(m) or {}).get("ci_high")]
+                        for m in ("em", "f1", "answer_in_context", "supporting_recall")},
+                     "empty_answers": s["empty_answers"], "without_gold_answer": s["without_gold_answer"]}  # fmt: skip
     per_q: dict[str, dict[str, float]] = {}
-    for name, extra in results.items():
-        for system, s in extra["systems"].items():
-            key = name if system == "retrieved" else system
-            rows[key] = {"name": RAG_LABELS.get(key, key), "k": s["k"], "questions": s["questions"],
-                         **{m: (s.get(m) or {}).get("mean") for m in ("em", "f1", "answer_in_context", "supporting_recall")},
-                         **{f"{m}_ci95": [(s.get(m) or {}).get("ci_low"), (s.get(m) or {}).get("ci_high")]
-                            for m in ("em", "f1", "answer_in_context", "supporting_recall")},
-                         "empty_answers": s["empty_answers"], "without_gold_answer": s["without_gold_answer"]}  # fmt: skip
-        t = read_table(out / name / "rows")
-        for system, qid, v in zip(t.column("system").to_pylist(), t.column("qid").to_pylist(),
-                                  t.column("answer_in_context").to_pylist(), strict=True):  # fmt: skip
-            if v is not None:
-                per_q.setdefault(name if system == "retrieved" else system, {})[qid] = float(v)
+    t = read_table(answers / "rows")
+    for system, qid, v in zip(t.column("system").to_pylist(), t.column("qid").to_pylist(),
+                              t.column("answer_in_context").to_pylist(), strict=True):  # fmt: skip
+        if v is not None:
+            per_q.setdefault(system, {})[qid] = float(v)
     if "human" in per_q:
         for name in ("utility", "utility_h20"):
             if name in per_q:
@@ -766,14 +765,12 @@ def rag_summary(results: dict[str, dict], out: Path) -> dict[str, Any]:
                     if rows["human"]["answer_in_context"]
                     else None
                 )
-    rates = [e.get("questions_per_s") for e in results.values() if e.get("questions_per_s")]
-    first = next(iter(results.values()))
     summary = {"caption": f"RAG on {max(r['questions'] for r in rows.values())} held-out questions, top "
-                          f"{first['k']} passages, generator {first['generator']} ({first['prompt_version']}); "
+                          f"{metrics['k']} passages, generator {metrics['generator']} ({metrics['prompt_version']}); "
                           "retrievers fine-tuned on the train split's questions only, validated on the val "
                           "split; 95% CIs over questions.",
                "rows": rows, "questions": max(r["questions"] for r in rows.values()),
-               "generator": first["generator"], "questions_per_s": round(sum(rates) / len(rates), 4) if rates else None}  # fmt: skip
+               "generator": metrics["generator"], "questions_per_s": metrics.get("questions_per_s")}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _rag_table(out / "table.md", summary)
     _rag_plot(out / "rag.png", summary)
@@ -1270,6 +1267,12 @@ def headline(out: Path) -> list[str]:
         rows = json.loads(r.read_text())["rows"]
         lines.append("rankers NDCG@10 on test queries: " + ", ".join(
             f"{k} {v['ndcg10']:.4f}" for k, v in rows.items() if "ndcg10" in v))  # fmt: skip
+    a = out / "rag-eval" / "summary.json"
+    if a.exists():
+        rows = json.loads(a.read_text())["rows"]
+        lines.append("RAG answer recall@k / EM on test questions: " + ", ".join(
+            f"{k} {v['answer_in_context']:.3f} / {v['em']:.3f}" if v.get("answer_in_context") is not None
+            else f"{k} - / {v['em']:.3f}" for k, v in rows.items() if v.get("em") is not None))  # fmt: skip
     g = out / "augment" / "results.json"
     if g.exists():
         m = json.loads(g.read_text())

@@ -100,7 +100,7 @@ def test_a_killed_actor_costs_its_partition_only_and_resume_finishes_nothing_twi
     next(iter(sorted((out / "rows").glob("part-oracle-*.parquet")))).unlink()
     again = run(cfg.model_copy(update={"resume": True}))
     assert again.counts["generated_now"] == 2 and read_table(out / "rows").num_rows == 30
-    with pytest.raises(ConfigError, match="'k' changed"):
+    with pytest.raises(ConfigError, match="'retrievals' changed"):
         run(cfg.model_copy(update={"resume": True, "k": 2}))
 
 
@@ -153,9 +153,30 @@ def test_encoder_directory_must_be_the_one_the_index_was_built_with(
     build(IndexConfig(docs=str(synth_dataset / "docs"), out=str(index), encoder=str(tiny_encoder)))
     with pytest.raises(ConfigError, match="not the encoder the index"):
         run(_cfg(tiny_causal_lm, synth_dataset, index, tmp_path / "o", retriever=str(tmp_path)))
+    # several retrievers in one pass (one generator load per actor): each its own system, searched as alone
     r = run(_cfg(tiny_causal_lm, synth_dataset, index, tmp_path / "o", retriever=str(tiny_encoder), limit=3,
-                 systems=["retrieved"], max_new_tokens=1))  # fmt: skip
-    assert r.extra["systems"]["retrieved"]["questions"] == 3
+                 systems=["retrieved"], max_new_tokens=1,
+                 retrievers={"lexical": {"index": str(index), "retriever": "bm25"}}))  # fmt: skip
+    assert {k: v["questions"] for k, v in r.extra["systems"].items()} == {"retrieved": 3, "lexical": 3}
+    rows = read_table(tmp_path / "o" / "rows")
+    lexical = rows.filter(pc.equal(rows.column("system"), "lexical")).sort_by("qid")
+    from retrieval.candidates import CandidateGenerator, CandidateParams
+
+    want = CandidateGenerator(index, CandidateParams(k=3, retrievers=("bm25",)))(
+        lexical.column("qid").to_pylist(), lexical.column("question").to_pylist()
+    )
+    assert [d for ds in lexical.column("docids").to_pylist() for d in ds] == want.column("docid").to_pylist()
+    with pytest.raises(ConfigError, match=r"retrievers\.lexical\.retriever: .* is not the encoder"):
+        run(_cfg(tiny_causal_lm, synth_dataset, index, tmp_path / "o2", systems=["closed_book"],
+                 retrievers={"lexical": {"index": str(index), "retriever": str(tmp_path)}}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"retrievers\.oracle: a name of a built-in system"):
+        _cfg(
+            tiny_causal_lm,
+            synth_dataset,
+            index,
+            tmp_path / "o3",
+            retrievers={"oracle": {"index": str(index)}},
+        )
 
 
 def test_summary_counts_empty_answers_and_missing_gold():
@@ -164,7 +185,7 @@ def test_summary_counts_empty_answers_and_missing_gold():
                      "em": [0.0, 1.0, None], "f1": [0.0, 1.0, None], "answer_in_context": [False, True, None],
                      "supporting_recall": [None, 0.5, None], "finished": [True, True, False],
                      "dropped_passages": [0, 1, 0], "truncated_passages": [2, 0, 0]})  # fmt: skip
-    s = summarize_rows(rows, cfg, 5)["retrieved"]
+    s = summarize_rows(rows, cfg, {"retrieved": 5})["retrieved"]
     assert s["empty_answers"] == 1 and s["without_gold_answer"] == 1 and s["unfinished"] == 1
     assert s["em"]["mean"] == 0.5 and s["em"]["n"] == 2 and s["supporting_recall"]["n"] == 1
     assert s["dropped_passages"] == 1 and s["truncated_passages"] == 2 and s["k"] == 5
