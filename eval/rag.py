@@ -88,12 +88,17 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float | None:
     return max(_f1(pred, g) for g in norm_golds)
 
 
+#: answers that are labels, not spans: a passage "containing" them says nothing (HotpotQA: 16% of questions)
+LABEL_ANSWERS = frozenset({"yes", "no", "noanswer"})
+
+
 def answer_in_context(golds: Sequence[str], passages: Sequence[str]) -> bool | None:
     """Whether a normalised gold alias occurs in a normalised passage as a run of whole tokens ("art" is not in
-    "party"); None without a gold alias. Normalisation removes punctuation without a space, so "York-based" is
-    the one token "yorkbased" and does not contain "york", as in the official EM."""
+    "party"); None without a gold alias, or when every alias is a label (yes / no / noanswer: the word "no" in a
+    passage is no evidence, and the gold passages rarely hold it). Normalisation removes punctuation without a
+    space, so "York-based" is the one token "yorkbased" and does not contain "york", as in the official EM."""
     _reject_single_string(passages, "passages")
-    norm_golds = _normalized_golds(golds)
+    norm_golds = [g for g in _normalized_golds(golds) if g not in LABEL_ANSWERS]
     if not norm_golds:
         return None
     # Normalised text has single spaces between tokens, so padding turns a substring test into a token test.

@@ -339,7 +339,9 @@ def rag_section(run: Path) -> str:
                        f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired over questions (ratio "
                        f"{r.get('answer_recall_ratio_to_human')}).</p>")  # fmt: skip
     out.append(
-        f"<p>Generation: {summary.get('questions_per_s')} questions/s with {html.escape(str(summary.get('generator')))}.</p>"
+        f"<p>Generation with {html.escape(str(summary.get('generator')))}: {summary.get('answers_per_busy_s')} answers per "
+        f"actor-second (steady), {summary.get('answers_per_s')} answers/s over the last run's wall time (start-up "
+        "included).</p>"
     )
     if (run / "rag-eval" / "rag.png").exists():
         out.append(_img(run / "rag-eval" / "rag.png", "answer recall, EM and F1 per retriever"))

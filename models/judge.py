@@ -102,6 +102,8 @@ class GradeHead:
 
     def __call__(self, **decoder_inputs) -> tuple[torch.Tensor, object]:
         """Run the decoder on ``decoder_inputs``; return ((b, G) float32 logits at the last position, its cache)."""
+        if "past_key_values" in decoder_inputs:
+            decoder_inputs[cache_keyword(self.decoder)] = decoder_inputs.pop("past_key_values")
         out = self.decoder(**decoder_inputs)
         last = out.last_hidden_state[:, -1, :].float()
         w, b = self.weights()
@@ -110,7 +112,7 @@ class GradeHead:
             logits = logits + b
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits, getattr(out, "past_key_values", None)
+        return logits, output_cache(out)
 
 
 def _broadcast_prefix_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -122,6 +124,21 @@ def _broadcast_prefix_update(layer, key_states: torch.Tensor, value_states: torc
     keys = layer.keys.expand(b, *layer.keys.shape[1:])
     values = layer.values.expand(b, *layer.values.shape[1:])
     return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def cache_keyword(model) -> str:
+    """The keyword a decoder takes its KV cache by: ``cache`` from transformers 5.2x (``past_key_values`` is
+    deprecated there, with a warning on every call), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """A decoder output's KV cache, by its new name (``cache``) or its old one."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def shared_prefix_cache(prefix_cache, batch: int):
@@ -290,7 +307,7 @@ class LabelTokenScorer:
     def _prefix_kv(self):
         if self._cache is None:
             ids = torch.tensor([self.encoder.prefix_ids], device=self.device)
-            self._cache = self.head.decoder(input_ids=ids, use_cache=True).past_key_values
+            self._cache = output_cache(self.head.decoder(input_ids=ids, use_cache=True))
         return self._cache
 
     @torch.inference_mode()

@@ -809,8 +809,8 @@ def _cmd_rag(a: argparse.Namespace) -> int:
     r = run(cfg)
     print((Path(cfg.out) / "table.md").read_text(), end="")
     print(r.summary())
-    print(f"generation: {r.extra['questions_per_s']} questions/s "
-          f"({', '.join(f'{k}: {v}' for k, v in r.extra['questions_per_s_per_actor'].items()) or 'nothing to run'})")  # fmt: skip
+    print(f"generation: {r.extra['answers_per_busy_s']} answers per actor-second, {r.extra['answers_per_s']} answers/s "
+          f"wall this run ({', '.join(f'{k}: {v}' for k, v in r.extra['answers_per_s_per_actor'].items()) or 'nothing to run'})")  # fmt: skip
     return 0
 
 

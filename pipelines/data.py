@@ -348,8 +348,9 @@ def load_beir(cfg: PrepareConfig) -> Loaded:
 def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
     """IRCoT HotpotQA JSONL: each question with 10 paragraphs; ``is_supporting`` is the (binary) utility label.
 
-    Paragraph ids are only unique within a question, so docid is ``<question_id>-<context id>``; answers
-    travel with the query (for RAG evaluation).
+    Paragraph ids are only unique within a question, so docid is ``<question_id>-<context id>``, the first
+    question's for a paragraph (title and text) that recurs under several; answers travel with the query (for RAG
+    evaluation).
     """
     src = Path(cfg.src)
     path = src if src.is_file() else _need(src, "questions.jsonl")
@@ -358,6 +359,8 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
     d = {"docid": [], "text": [], "title": [], "url": [], "_line": []}
     r = {"qid": [], "docid": [], "label": [], "_line": []}
     bad: list[Reject] = []
+    first_docid: dict[tuple[str, str], str] = {}
+    labelled: set[tuple[str, str]] = set()
     for lineno, obj in _jsonl(path, "queries", rejects):
         qid, query = _id(obj.get("question_id")), obj.get("question_text")
         contexts = obj.get("contexts")
@@ -378,12 +381,20 @@ def load_hotpotqa(cfg: PrepareConfig) -> Loaded:
                     (lineno, f"question {qid}: context without id or paragraph_text", json.dumps(ctx)[:500])
                 )
                 continue
-            docid = f"{qid}-{cid}"
-            d["docid"].append(docid)
-            d["text"].append(text)
-            d["title"].append(ctx.get("title") or None)
-            d["url"].append(None)
-            d["_line"].append(lineno)
+            # The same Wikipedia paragraph recurs under several questions (66 of the dev set's, with different
+            # ids): one passage in the pooled corpus, so retrieval cannot return it twice and supporting recall
+            # counts it under one docid, the first question's.
+            key = (ctx.get("title") or "", text)
+            docid = first_docid.setdefault(key, f"{qid}-{cid}")
+            if (qid, docid) in labelled:
+                continue
+            labelled.add((qid, docid))
+            if docid == f"{qid}-{cid}":
+                d["docid"].append(docid)
+                d["text"].append(text)
+                d["title"].append(ctx.get("title") or None)
+                d["url"].append(None)
+                d["_line"].append(lineno)
             r["qid"].append(qid)
             r["docid"].append(docid)
             r["label"].append(1 if ctx.get("is_supporting") else 0)

@@ -300,7 +300,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from cluster.profiles import choose_deepspeed, deepspeed_config, zero_stage
     from eval.agreement import agreement, cohen_kappa, grades_from_cutpoints, tune_cutpoints
-    from models.judge import GradeHead, LabelTokenScorer, PairEncoder, pad_left, shared_prefix_cache
+    from models.judge import (
+        GradeHead,
+        LabelTokenScorer,
+        PairEncoder,
+        output_cache,
+        pad_left,
+        shared_prefix_cache,
+    )
     from models.loading import load_causal_lm, parameter_count, resolve_dtype
     from models.losses import GradeTokenCrossEntropy
     from models.prompts import get_template
@@ -392,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              position_ids=pos.to(engine.device), use_cache=False)  # fmt: skip
         else:
             with torch.no_grad():
-                cache = shared_prefix_cache(head.decoder(input_ids=prefix, use_cache=True).past_key_values, b)
+                cache = shared_prefix_cache(output_cache(head.decoder(input_ids=prefix, use_cache=True)), b)
             attention = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
             pos = (p + mask.cumsum(1) - 1).clamp(min=p)
             logits, _ = head(input_ids=ids, attention_mask=attention, position_ids=pos, past_key_values=cache,

@@ -124,8 +124,18 @@ class RagEvalConfig(StageConfig):
     concurrency: tuple[int, int] = Field((1, 1), description="RAG actors (min, max)")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0, description="> 0: the generator (and encoder, FAISS) on a GPU")
-    dtype: str = Field(
-        "auto", description="generator weights: auto (bf16 where supported), float32, bfloat16"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="generator weights: auto (bf16 where the hardware computes it), bf16, fp16, fp32"
+    )
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="bound on prompt + answer tokens per generation batch (a GPU's KV cache)"
+    )
+    search_on_gpu: bool = Field(
+        False, description="dense search (FAISS) on the actor's GPU too; default: on the CPU, leaving the GPU "
+        "to the generator (each retriever's index would otherwise sit beside it)",
+    )  # fmt: skip
+    autoscaling_cluster: bool = Field(
+        False, description="the cluster adds nodes on demand: do not check that the actors fit what is up now"
     )
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of questions for the 95% CIs")
     seed: int = 0
@@ -284,20 +294,21 @@ class RagActor:
     """
 
     def __init__(self, index: str | None, retrievals: dict[str, dict[str, Any]], generator: str,
-                 prompt: dict[str, Any], dtype: str, batch_size: int, threads: int, device: str):  # fmt: skip
+                 prompt: dict[str, Any], dtype: str, batch_size: int, threads: int, device: str,
+                 max_batch_tokens: int | None = None, search_on_gpu: bool = False):  # fmt: skip
         import torch
 
         from models.generator import RagPrompt, load_generator
 
         torch.set_num_threads(threads)
-        self.threads, self.device = threads, device
+        self.threads, self.device, self.search_on_gpu = threads, device, search_on_gpu
         self.index, self.retrievals = index, retrievals
         self.searchers: dict[
             str, Any
         ] = {}  # loaded on first use: an actor may never see a system's partitions
         self.stores: dict[str, Any] = {}
         self.gen = load_generator(generator, prompt=RagPrompt(**prompt), dtype=dtype, device=device,
-                                  batch_size=batch_size)  # fmt: skip
+                                  batch_size=batch_size, max_batch_tokens=max_batch_tokens)  # fmt: skip
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
     def _store(self, index: str):
@@ -316,7 +327,8 @@ class RagActor:
             faiss.omp_set_num_threads(self.threads)
             r = self.retrievals[name]
             self.searchers[name] = CandidateGenerator(r["index"], CandidateParams(k=r["k"], retrievers=(r["kind"],)),
-                                                      device=self.device)  # fmt: skip
+                                                      device=self.device,
+                                                      index_device=None if self.search_on_gpu else "cpu")  # fmt: skip
         return self.searchers[name]
 
     def _passages(self, index: str, docids: list[str]):
@@ -364,10 +376,12 @@ class RagActor:
             out["docids"].append(docids)
             out["answer"].append(a.answer)
             out["raw"].append(a.raw)
-            out["em"].append(exact_match(a.answer, golds) if golds else None)
-            out["f1"].append(token_f1(a.answer, golds) if golds else None)
+            # an oracle row without gold passages was answered closed book: it scores nothing as the oracle
+            scored = bool(golds) and not (r["_system"] == "oracle" and not gold_docs)
+            out["em"].append(exact_match(a.answer, golds) if scored else None)
+            out["f1"].append(token_f1(a.answer, golds) if scored else None)
             out["answer_in_context"].append(
-                answer_in_context(golds, [p.text for p in ctx]) if golds and ctx else None
+                answer_in_context(golds, [p.text for p in ctx]) if scored and ctx else None
             )
             out["supporting_recall"].append(
                 supporting_recall(docids, gold_docs) if gold_docs and r["_system"] != "closed_book" else None
@@ -405,23 +419,31 @@ def write_parts(batch: pa.Table, out: str) -> pa.Table:
         rows = batch.filter(pc.equal(batch.column("_part"), name)).sort_by("_pos")
         expect = rows.column("_expect")[0].as_py()
         scored = rows.select(ROW_SCHEMA.names)
+        busy = float(pc.sum(rows.column("_busy_s")).as_py())
         if rows.num_rows == expect:
-            _write_atomic(scored, Path(out) / "rows" / f"{name}.parquet", {"part": name, "questions": expect})
+            _write_atomic(scored, Path(out) / "rows" / f"{name}.parquet",
+                          {"part": name, "questions": expect, "busy_s": busy})  # fmt: skip
             fragment = ""
         else:
             first = int(rows.column("_pos")[0].as_py())
             fragment = f"{PIECES}/{name}/{first:08d}-{rows.num_rows:08d}.parquet"
             _write_atomic(
-                scored.append_column("_pos", rows.column("_pos")), Path(out) / fragment, {"part": name}
+                scored.append_column("_pos", rows.column("_pos")),
+                Path(out) / fragment,
+                {"part": name, "busy_s": busy},
             )
         summary["part"].append(name)
         summary["questions"].append(rows.num_rows)
         summary["expect"].append(expect)
         summary["fragment"].append(fragment)
         summary["actor"].append(rows.column("_actor")[0].as_py())
-        summary["busy_s"].append(float(pc.sum(rows.column("_busy_s")).as_py()))
+        summary["busy_s"].append(busy)
         summary["missing"].append(int(pc.sum(rows.column("_missing")).as_py()))
     return pa.table(dict(summary))
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    return json.loads((pq.read_schema(path).metadata or {}).get(b"augrel", b"{}"))
 
 
 def _join_fragments(out: Path, name: str, expect: int) -> bool:
@@ -429,6 +451,7 @@ def _join_fragments(out: Path, name: str, expect: int) -> bool:
     files = sorted((out / PIECES / name).glob("*.parquet"))
     if not files:
         return False
+    busy = sum(_meta(f).get("busy_s", 0.0) for f in files)
     rows = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("_pos")
     pos = rows.column("_pos").to_numpy()
     keep = np.concatenate([[True], pos[1:] != pos[:-1]]) if len(pos) else np.zeros(0, bool)
@@ -436,7 +459,9 @@ def _join_fragments(out: Path, name: str, expect: int) -> bool:
     if rows.num_rows != expect:
         return False
     _write_atomic(
-        rows.drop_columns(["_pos"]), out / "rows" / f"{name}.parquet", {"part": name, "questions": expect}
+        rows.drop_columns(["_pos"]),
+        out / "rows" / f"{name}.parquet",
+        {"part": name, "questions": expect, "busy_s": busy},
     )
     shutil.rmtree(out / PIECES / name, ignore_errors=True)
     return True
@@ -472,12 +497,38 @@ def transform(blocks: list[pa.Table], cfg: RagEvalConfig, retrievals: dict[str, 
         fn_constructor_kwargs={"index": cfg.index, "retrievals": retrievals, "generator": cfg.generator,
                                "prompt": prompt, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "threads": max(1, round(cfg.num_cpus_per_actor)),
-                               "device": device_for_gpus(cfg.num_gpus_per_actor)},
+                               "device": device_for_gpus(cfg.num_gpus_per_actor),
+                               "max_batch_tokens": cfg.max_batch_tokens, "search_on_gpu": cfg.search_on_gpu},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
     )  # fmt: skip
     return ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                           compute=ray.data.TaskPoolStrategy(size=min(2, len(blocks))), fn_kwargs={"out": str(Path(cfg.out).resolve())})  # fmt: skip
+
+
+def index_identity(index: str | None) -> dict[str, list] | None:
+    """What identifies an index's content for --resume: every file of its docstore, bm25 and dense parts by
+    name, size and modification time (an index rebuilt in place at the same path differs)."""
+    if index is None:
+        return None
+    root = Path(index)
+    files = sorted(
+        f for part in ("docstore", "bm25", "dense") for f in (root / part).glob("*") if f.is_file()
+    )
+    return {str(f.relative_to(root)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def generator_identity(generator: str) -> dict[str, Any]:
+    """A local generator directory by its config and weight files (size, mtime); a hub id by name."""
+    path = Path(generator)
+    if not path.is_dir():
+        return {"generator": generator}
+    files = sorted(f for f in path.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf")
+                                                                    or f.name == "config.json"))  # fmt: skip
+    return {
+        "generator": str(path.resolve()),
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+    }
 
 
 def _fingerprint(table: pa.Table) -> str:
@@ -500,7 +551,17 @@ def _prepare_out(cfg: RagEvalConfig, plan: dict[str, Any]) -> set[str]:
         if not cfg.resume:
             raise ConfigError(f"out: {out} holds a rag eval run ({len(done)} of {len(old['parts'])} partitions "
                               "done): pass --resume to finish it, or --overwrite to start again")  # fmt: skip
-        for key in ("questions", "index", "retrievals", "generator", "prompt", "partition_questions"):
+        for key in (
+            "questions",
+            "index",
+            "retrievals",
+            "indexes",
+            "generator",
+            "generator_identity",
+            "dtype",
+            "prompt",
+            "partition_questions",
+        ):
             if old.get(key) != plan.get(key):
                 raise ConfigError(f"--resume: '{key}' changed since the run in {out} began (was {old.get(key)!r}, "
                                   f"now {plan.get(key)!r}); use --overwrite")  # fmt: skip
@@ -510,6 +571,7 @@ def _prepare_out(cfg: RagEvalConfig, plan: dict[str, Any]) -> set[str]:
     else:
         if cfg.overwrite:
             shutil.rmtree(out / "rows", ignore_errors=True)
+            shutil.rmtree(out / "rejected", ignore_errors=True)
             shutil.rmtree(out / PIECES, ignore_errors=True)
             done = set()
         elif done:
@@ -575,6 +637,48 @@ def write_table_md(path: Path, systems: dict[str, Any], caption: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _absolute(cfg: RagEvalConfig) -> RagEvalConfig:
+    """Paths as the driver resolves them: the actors and write tasks run in other working directories (and, on a
+    cluster, on other nodes, which must mount the same paths). A generator that is not a local path is a hub id."""
+
+    def a(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p else p
+
+    gen = cfg.generator if not Path(cfg.generator).exists() else a(cfg.generator)
+    retrievers = {n: r.model_copy(update={"index": a(r.index),
+                                          "retriever": a(r.retriever) if Path(r.retriever).exists() else r.retriever})
+                  for n, r in cfg.retrievers.items()}  # fmt: skip
+    retriever = (
+        a(cfg.retriever)
+        if cfg.retriever not in ("bm25", "dense") and Path(cfg.retriever).exists()
+        else cfg.retriever
+    )
+    return cfg.model_copy(update={"out": a(cfg.out), "index": a(cfg.index), "questions": a(cfg.questions),
+                                  "qrels": a(cfg.qrels), "generator": gen, "retrievers": retrievers,
+                                  "retriever": retriever})  # fmt: skip
+
+
+def check_fits(cfg: RagEvalConfig) -> None:
+    """Refuse a pool the cluster can never place (Ray Data would wait for its actors for ever): an actor needs
+    more CPUs or GPUs than any node has, or the smallest pool leaves no CPU for the write tasks."""
+    import ray
+
+    if cfg.autoscaling_cluster:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if cfg.num_gpus_per_actor and not any(r.get("GPU", 0) >= cfg.num_gpus_per_actor for r in nodes):
+        raise ConfigError(f"num_gpus_per_actor: {cfg.num_gpus_per_actor} GPU(s) per actor, and no node of this cluster "
+                          "has that many (set autoscaling_cluster: true if a GPU group scales up on demand)")  # fmt: skip
+    if not any(r.get("CPU", 0) >= cfg.num_cpus_per_actor for r in nodes):
+        raise ConfigError(
+            f"num_cpus_per_actor: {cfg.num_cpus_per_actor} CPUs per actor, more than any node has"
+        )
+    total = sum(r.get("CPU", 0) for r in nodes)
+    if cfg.concurrency[0] * cfg.num_cpus_per_actor > total - IO_TASK_CPUS:
+        raise ConfigError(f"concurrency: {cfg.concurrency[0]} actors x {cfg.num_cpus_per_actor} CPUs leave no CPU "
+                          f"for the write tasks on this {total:g}-CPU cluster")  # fmt: skip
+
+
 def run(cfg: RagEvalConfig) -> StageResult:
     """Plan partitions, run the missing ones through the RAG actor pool with a progress bar, score, write."""
     import ray
@@ -582,6 +686,7 @@ def run(cfg: RagEvalConfig) -> StageResult:
     from cluster.embedded import init_ray
     from models.generator import RagPrompt
 
+    cfg = _absolute(cfg)
     out = Path(cfg.out)
     with Timer() as timer:
         questions, rejected = read_questions(cfg)
@@ -600,6 +705,8 @@ def run(cfg: RagEvalConfig) -> StageResult:
         prompt = RagPrompt(passage_tokens=cfg.passage_tokens, max_new_tokens=cfg.max_new_tokens)
         parts = plan_partitions(questions, systems, cfg.partition_questions)
         plan = {"questions": _fingerprint(questions), "index": str(cfg.index), "retrievals": retrievals,
+                "indexes": {i: index_identity(i) for i in {cfg.index, *(r["index"] for r in retrievals.values())} if i},
+                "generator_identity": generator_identity(cfg.generator), "dtype": cfg.dtype,
                 "generator": cfg.generator, "prompt": prompt.version, "partition_questions": cfg.partition_questions,
                 "parts": [name for name, _ in parts]}  # fmt: skip
         done = _prepare_out(cfg, plan)
@@ -610,6 +717,7 @@ def run(cfg: RagEvalConfig) -> StageResult:
         per_actor: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         if pending:
             init_ray()
+            check_fits(cfg)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # ours counts questions; Ray's per-operator bars would repeat it
             blocks = [_tag(name, name.split("-")[1], q) for name, q in pending]
@@ -639,7 +747,9 @@ def run(cfg: RagEvalConfig) -> StageResult:
         if absent:
             raise DataError(f"{len(absent)} partition(s) have no rows after the run (first: {absent[0]}): run again "
                             "with --resume")  # fmt: skip
-        rows = read_table(out / "rows")
+        files = [out / "rows" / f"{name}.parquet" for name, _ in parts]
+        rows = pa.concat_tables([pq.read_table(f) for f in files])
+        busy_all = sum(_meta(f).get("busy_s", 0.0) for f in files)
         if rows.num_rows != questions.num_rows * len(systems):
             raise DataError(
                 f"{rows.num_rows} rows in {out}/rows, {questions.num_rows} x {len(systems)} expected"
@@ -658,9 +768,12 @@ def run(cfg: RagEvalConfig) -> StageResult:
                "95% CIs over questions.")  # fmt: skip
     metrics = {"caption": caption, "systems": summary, "retrievals": retrievals, "index": cfg.index,
                "generator": cfg.generator, "prompt_version": prompt.version, "k": k, "k_requested": cfg.k,
-               "questions_per_s": round(generated / t_run, 4) if generated and t_run else None,
-               "questions_per_busy_s": round(generated / busy, 4) if generated and busy else None,
-               "questions_per_s_per_actor": {a: round(n / s, 4) if s else None for a, (n, s) in per_actor.items()},
+               # one answer per (system, question); wall time of this run includes Ray Data and model start-up, busy
+               # time (summed over every partition, a resumed run's earlier ones too) is the actors' steady rate
+               "answers_this_run": generated,
+               "answers_per_s": round(generated / t_run, 4) if generated and t_run else None,
+               "answers_per_busy_s": round(rows.num_rows / busy_all, 4) if busy_all else None,
+               "answers_per_s_per_actor": {a: round(n / s, 4) if s else None for a, (n, s) in per_actor.items()},
                "oracle_passages_missing": missing}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_table_md(out / "table.md", summary, caption)

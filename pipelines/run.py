@@ -722,7 +722,7 @@ def _run_rag_eval(cfgs):
     summary = rag_summary(r.extra, Path(cfgs[0].out))
     return {"answer_recall": {k: v.get("answer_in_context") for k, v in summary["rows"].items()},
             "em": {k: v.get("em") for k, v in summary["rows"].items()}, "questions": summary["questions"],
-            "questions_per_s": summary["questions_per_s"]}  # fmt: skip
+            "answers_per_busy_s": summary["answers_per_busy_s"]}  # fmt: skip
 
 
 #: how the rag_eval table names its rows
@@ -767,10 +767,12 @@ def rag_summary(metrics: dict[str, Any], answers: Path) -> dict[str, Any]:
                 )
     summary = {"caption": f"RAG on {max(r['questions'] for r in rows.values())} held-out questions, top "
                           f"{metrics['k']} passages, generator {metrics['generator']} ({metrics['prompt_version']}); "
-                          "retrievers fine-tuned on the train split's questions only, validated on the val "
-                          "split; 95% CIs over questions.",
+                          "retrievers fine-tuned on the train split's questions only (utility: LLM labels only), "
+                          "each checkpoint chosen on the val split's human labels; answer recall leaves out "
+                          "yes/no answers; 95% CIs over questions.",
                "rows": rows, "questions": max(r["questions"] for r in rows.values()),
-               "generator": metrics["generator"], "questions_per_s": metrics.get("questions_per_s")}  # fmt: skip
+               "generator": metrics["generator"], "answers_per_busy_s": metrics.get("answers_per_busy_s"),
+               "answers_per_s": metrics.get("answers_per_s")}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _rag_table(out / "table.md", summary)
     _rag_plot(out / "rag.png", summary)
@@ -782,11 +784,12 @@ def _rag_table(path: Path, summary: dict[str, Any]) -> None:
         v, ci = r.get(m), r.get(f"{m}_ci95") or [None, None]
         return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-    lines = [summary["caption"], "", "| retriever | k | supporting recall@k | answer recall@k | EM | F1 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [summary["caption"], "", "| retriever | k | supporting recall@k | answer recall@k | EM | F1 | questions "
+             "| no gold answer | empty answers |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summary["rows"].values():
         lines.append(f"| {r['name']} | {r['k'] if r['k'] is not None else 'gold'} | {cell(r, 'supporting_recall')} | "
-                     f"{cell(r, 'answer_in_context')} | {cell(r, 'em')} | {cell(r, 'f1')} |")  # fmt: skip
+                     f"{cell(r, 'answer_in_context')} | {cell(r, 'em')} | {cell(r, 'f1')} | {r['questions']} | "
+                     f"{r['without_gold_answer']} | {r['empty_answers']} |")  # fmt: skip
     for r in summary["rows"].values():
         d = r.get("answer_recall_vs_human")
         if d:
@@ -810,8 +813,9 @@ def _rag_plot(path: Path, summary: dict[str, Any]) -> None:
     h = 0.8 / len(metrics)
     for j, (m, label) in enumerate(metrics):
         vals = np.array([r.get(m) if r.get(m) is not None else np.nan for r in rows], float)
-        lo = np.array([(r.get(f"{m}_ci95") or [None])[0] or np.nan for r in rows], float)
-        hi = np.array([(r.get(f"{m}_ci95") or [None, None])[1] or np.nan for r in rows], float)
+        ci = [r.get(f"{m}_ci95") or [None, None] for r in rows]
+        lo = np.array([np.nan if c[0] is None else c[0] for c in ci], float)  # a bound of 0.0 is a bound
+        hi = np.array([np.nan if c[1] is None else c[1] for c in ci], float)
         err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
         ax.barh(y + (j - 1) * h, np.nan_to_num(vals), h, xerr=err, capsize=2, label=label)
     ax.set_yticks(y, [r["name"] for r in rows])
@@ -1210,9 +1214,11 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
         for i, st in enumerate(dag[: last + 1]):
             rec = recs.get(st.name, {})
             interrupted = rec.get("status") == "running"
-            cfgs = st.configs(p, out, resume and st.resumable and interrupted)
-            chash = config_hash(cfgs)
             inputs = {n: recs.get(n, {}).get("output_hash") for n in st.needs if n in names}
+            # resume only onto the same inputs: an upstream stage rerun since (a retrained retriever, a rebuilt
+            # index) makes the interrupted stage's finished part stale
+            cfgs = st.configs(p, out, resume and st.resumable and interrupted and rec.get("inputs") == inputs)
+            chash = config_hash(cfgs)
             current = hasher(out, st.outputs) if rec.get("status") == "done" else None
             if (st.name not in forced and rec.get("status") == "done" and rec.get("config_hash") == chash
                     and rec.get("code_version") == version and rec.get("inputs") == inputs
@@ -1221,7 +1227,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
                 echo(f"== {i + 1}/{len(dag)} {st.name}: unchanged, skipped")
                 continue
             why = ("forced (--from)" if st.name in forced else "first run" if not rec else
-                   "resuming" if interrupted and resume and st.resumable else
+                   "resuming" if interrupted and resume and st.resumable and rec.get("inputs") == inputs else
                    "interrupted" if interrupted else "config changed" if rec.get("config_hash") != chash else
                    "code changed" if rec.get("code_version") != version else
                    "inputs changed" if rec.get("inputs") != inputs else "outputs changed or missing")  # fmt: skip

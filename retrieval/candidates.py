@@ -87,8 +87,14 @@ class CandidateGenerator:
     """
 
     def __init__(
-        self, index_dir: str | Path, params: CandidateParams = CandidateParams(), device: str = "cpu"
+        self,
+        index_dir: str | Path,
+        params: CandidateParams = CandidateParams(),
+        device: str = "cpu",
+        index_device: str | None = None,
     ):
+        """``device``: where the query encoder runs; ``index_device``: where FAISS searches (default: the GPUs
+        when ``device`` is one, else the CPU; "cpu" keeps the index off a GPU another model needs)."""
         index_dir = Path(index_dir)
         self.params = params
         self.bm25 = self.dense = self.encoder = None
@@ -106,7 +112,8 @@ class CandidateGenerator:
                 raise FileNotFoundError(
                     f"{index_dir}/dense: no dense index (build the index with dense: true, or use retrievers: [bm25])"
                 )
-            self.dense = DenseIndex.load(index_dir / "dense", device="cpu" if device == "cpu" else "auto")
+            where = index_device or ("cpu" if device == "cpu" else "auto")
+            self.dense = DenseIndex.load(index_dir / "dense", device=where)
             self.encoder = BiEncoder(self.dense.params.encoder, device=device)
             if self.encoder.dim != self.dense.dim:
                 raise ValueError(

@@ -165,3 +165,10 @@ def test_paired_difference():
     assert paired_difference(a, b, bootstrap=500, seed=1) == win
     with pytest.raises(ValueError, match="same questions"):
         paired_difference([1.0], [1.0, 0.0])
+
+
+def test_answer_recall_leaves_out_label_answers():
+    # "no" in a passage is no evidence that the passage answers a yes/no question
+    assert answer_in_context(["no"], ["there is no such river"]) is None
+    assert answer_in_context(["Yes"], ["yes"]) is None
+    assert answer_in_context(["yes", "Lake Tahoe"], ["near lake tahoe"]) is True

@@ -426,3 +426,18 @@ def test_split_writes_each_splits_questions_by_qid(synth_dataset, tmp_path):
         write_table(data / t, read_table(synth_dataset / t))
     split(SplitConfig(src=str(data), out=str(out)))
     assert not any((out / name / "questions").exists() for name in ("train", "val", "test", "unlabelled"))
+
+
+def test_a_paragraph_under_several_hotpotqa_questions_is_one_passage(tmp_path):
+    src, out = tmp_path / "questions.jsonl", tmp_path / "out"
+    a, b = _hotpot_line("a", "who", ["x"], {0}), _hotpot_line("b", "when", ["y"], {1})
+    b["contexts"][1] = {
+        **a["contexts"][0],
+        "id": "1",
+        "is_supporting": True,
+    }  # a's paragraph 0, gold for b too
+    src.write_text("\n".join(json.dumps(x) for x in (a, b)) + "\n")
+    r = prepare(PrepareConfig(format="hotpotqa", src=str(src), out=str(out)))
+    assert r.counts["docs"] == 7 and r.counts["qrels"] == 8 and r.counts["rejected"] == 0
+    supporting = {q["qid"]: q["supporting"] for q in read_table(out / "questions").to_pylist()}
+    assert supporting == {"a": ["a-0"], "b": ["a-0"]}

@@ -71,7 +71,7 @@ def test_every_question_is_answered_once_per_system_and_scored(reference_run, sy
         assert s["questions"] == 10 and s["em"]["ci_low"] <= s["em"]["mean"] <= s["em"]["ci_high"]
     assert m["systems"]["oracle"]["supporting_recall"]["mean"] == 1.0
     assert "| oracle | gold | 10 |" in (out / "table.md").read_text()
-    assert m["questions_per_s"] > 0
+    assert m["answers_per_s"] > 0 and m["answers_per_busy_s"] > 0
 
 
 def test_a_killed_actor_costs_its_partition_only_and_resume_finishes_nothing_twice(
@@ -122,6 +122,28 @@ def test_questions_without_answers_are_kept_and_counted_and_k_is_capped(
     rows = read_table(tmp_path / "out" / "rows").sort_by("qid").to_pylist()
     # BM25 returns only passages sharing a term with the question, however large k is
     assert rows[1]["em"] is None and rows[1]["answer"] is not None and 3 < len(rows[0]["docids"]) <= n_docs
+    # an oracle row without gold passages was answered closed book: it scores nothing, and is counted
+    with_gold = tmp_path / "gold" / "questions"
+    with_gold.mkdir(parents=True)
+    pq.write_table(pa.table({"qid": ["a", "b"], "question": ["who founded the company", "what river"],
+                             "answers": [["the town"], ["the river"]], "supporting": [["nowhere"], None]}),
+                   with_gold / "part-0.parquet")  # fmt: skip
+    r = run(
+        _cfg(
+            tiny_causal_lm,
+            with_gold.parent,
+            bm25_index,
+            tmp_path / "out3",
+            systems=["oracle"],
+            max_new_tokens=1,
+        )
+    )
+    oracle = {x["qid"]: x for x in read_table(tmp_path / "out3" / "rows").to_pylist()}
+    assert (
+        oracle["b"]["em"] is None
+        and oracle["a"]["em"] is not None
+        and r.extra["oracle_passages_missing"] == 1
+    )
     # no gold supporting passage anywhere: the oracle is skipped, and said
     r = run(_cfg(tiny_causal_lm, data, bm25_index, tmp_path / "out2", k=0, max_new_tokens=1))
     assert set(r.extra["systems"]) == {"closed_book"}
@@ -140,6 +162,10 @@ def test_bad_input_is_named(ray_session, tiny_causal_lm, tiny_encoder, synth_dat
     assert _cfg(
         tiny_causal_lm, synth_dataset, None, tmp_path / "o3", systems=["closed_book"]
     ).run_systems == ["closed_book"]
+    with pytest.raises(ConfigError, match="num_gpus_per_actor: 1"):  # Ray Data would wait for it for ever
+        run(_cfg(tiny_causal_lm, synth_dataset, bm25_index, tmp_path / "o5", num_gpus_per_actor=1))
+    with pytest.raises(ValueError, match="dtype"):
+        _cfg(tiny_causal_lm, synth_dataset, bm25_index, tmp_path / "o6", dtype="float32")
     with pytest.raises(ValueError, match="concurrency"):
         _cfg(tiny_causal_lm, synth_dataset, bm25_index, tmp_path / "o4", concurrency=(2, 1))
 
