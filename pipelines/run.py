@@ -1215,10 +1215,14 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
             rec = recs.get(st.name, {})
             interrupted = rec.get("status") == "running"
             inputs = {n: recs.get(n, {}).get("output_hash") for n in st.needs if n in names}
-            # resume only onto the same inputs: an upstream stage rerun since (a retrained retriever, a rebuilt
-            # index) makes the interrupted stage's finished part stale
-            cfgs = st.configs(p, out, resume and st.resumable and interrupted and rec.get("inputs") == inputs)
+            # resume only onto the same config and inputs: a changed section, or an upstream stage rerun since (a
+            # retrained retriever, a rebuilt index), makes the interrupted stage's finished part stale
+            cfgs = st.configs(p, out, False)
             chash = config_hash(cfgs)
+            resuming = (resume and st.resumable and interrupted and rec.get("inputs") == inputs
+                        and rec.get("config_hash") == chash)  # fmt: skip
+            if resuming:
+                cfgs = st.configs(p, out, True)
             current = hasher(out, st.outputs) if rec.get("status") == "done" else None
             if (st.name not in forced and rec.get("status") == "done" and rec.get("config_hash") == chash
                     and rec.get("code_version") == version and rec.get("inputs") == inputs
@@ -1227,7 +1231,7 @@ def run(p: PipelineConfig, *, resume: bool = False, from_stage: str | None = Non
                 echo(f"== {i + 1}/{len(dag)} {st.name}: unchanged, skipped")
                 continue
             why = ("forced (--from)" if st.name in forced else "first run" if not rec else
-                   "resuming" if interrupted and resume and st.resumable and rec.get("inputs") == inputs else
+                   "resuming" if resuming else
                    "interrupted" if interrupted else "config changed" if rec.get("config_hash") != chash else
                    "code changed" if rec.get("code_version") != version else
                    "inputs changed" if rec.get("inputs") != inputs else "outputs changed or missing")  # fmt: skip

@@ -197,7 +197,7 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
         sets += ["rag.train_questions=null", "rag.questions=3", f"rag.utility.judge={lm}", "rag.utility.dtype=fp32",
                  "rag.utility.concurrency=[1,1]", "rag.utility.num_cpus_per_actor=1", "rag.utility.num_gpus_per_actor=0",
                  "rag.utility.autoscaling_cluster=false", f"rag.retriever.base_model={encoder}",
-                 "rag.retriever.batch_size=1", "rag.retriever.group_size=4", "rag.retriever.num_workers=1",
+                 "rag.retriever.batch_size=1", "rag.retriever.group_size=4", "rag.retriever.max_positives=2", "rag.retriever.num_workers=1",
                  "rag.retriever.epochs=1", "rag.retriever.use_gpu=false", "rag.retriever.cpus_per_worker=1",
                  "rag.retriever.val_distractors=20", "rag.retriever.max_passage_length=32",
                  "rag.retriever.eval_every=null", f"rag.eval.generator={lm}", "rag.eval.dtype=fp32",
@@ -361,3 +361,31 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     n = html.count("<img ")
     assert f"<title>images {n}/{n}</title>" in dom, dom[:500]
     assert all(f"<h2>{h}</h2>" in dom for h in heads)
+
+
+def test_resume_continues_an_interrupted_stage_only_with_the_same_config(tmp_path, monkeypatch):
+    from pipelines import run as run_module
+    from pipelines.stage import StageConfig
+
+    class Cfg(StageConfig):
+        x: int
+        resume: bool = False
+
+    value, seen = {"x": 1}, []
+    stage = run_module.Stage("a", (), ("a",), lambda p, out, resume: [Cfg(x=value["x"], resume=resume)],
+                             lambda cfgs: seen.append(cfgs[0].resume) or {}, resumable=True)  # fmt: skip
+    monkeypatch.setattr(run_module, "stages", lambda p: [stage])
+    p = _pipeline(tmp_path / "r")
+
+    def interrupt():
+        m = json.loads((tmp_path / "r" / "pipeline.json").read_text())
+        m["stages"]["a"]["status"] = "running"
+        (tmp_path / "r" / "pipeline.json").write_text(json.dumps(m))
+
+    run(p, echo=_quiet)
+    interrupt()
+    run(p, resume=True, echo=_quiet)
+    interrupt()
+    value["x"] = 2  # the section changed while the stage was cut off: what it finished is stale
+    run(p, resume=True, echo=_quiet)
+    assert seen == [False, True, False]
