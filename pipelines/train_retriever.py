@@ -306,10 +306,13 @@ def prepare(cfg: RetrieverTrainConfig) -> tuple[TrainingData, Any]:
         raise ConfigError("val: a judge or utility source without human tables needs human qrels of held-out "
                           "validation queries (val: [...])")  # fmt: skip
     val_qrels = {
-        q: g for q, g in val_qrels.items() if q in queries and q not in excluded and max(g.values()) >= 2
+        q: g
+        for q, g in val_qrels.items()
+        if q in queries and q not in excluded and max(g.values()) >= L.min_grade
     }
     if not val_qrels:
-        raise DataError("val: no validation query with a passage of grade >= 2 among the queries tables")
+        raise DataError(f"val: no validation query with a passage of grade >= {L.min_grade} (labels.min_grade) "
+                        "among the queries tables")  # fmt: skip
     held_out = set(val_qrels) | excluded
 
     def keep(p: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -452,7 +455,7 @@ def validation_pool(cfg: RetrieverTrainConfig, data: TrainingData, store) -> dic
     docids = sorted(set(distractors).union(*per_query.values()))
     return {"qids": qids, "queries": [data.val_queries[q] for q in qids], "docids": docids,
             "texts": [t or "" for t in _texts(store, docids)], "candidates": per_query,
-            "distractors": distractors, "qrels": data.val_qrels}  # fmt: skip
+            "distractors": distractors, "qrels": data.val_qrels, "min_rel": cfg.labels.min_grade}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ worker loop
@@ -512,7 +515,8 @@ def _evaluate(encoder, pool: dict[str, Any], rank: int, world: int, dist) -> dic
         scores = doc_vec[[row[d] for d in cand]] @ qvec[qi]
         top = np.argsort(-scores, kind="stable")[:100]
         run[q] = {cand[i]: float(scores[i]) for i in top}
-    rep = evaluate_run(run, pool["qrels"])
+    # relevant at the labels' own grade (HotpotQA's is_supporting is 1; TREC DL's relevant is 2)
+    rep = evaluate_run(run, pool["qrels"], min_rel=pool.get("min_rel", 2))
     return {f"val_{short_name(m)}": v for m, v in rep.mean.items()}
 
 

@@ -194,7 +194,10 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
                  "utility.settings.concurrency=[1,1]", "utility.settings.num_cpus_per_actor=1",
                  "utility.settings.num_gpus_per_actor=0", "utility.settings.autoscaling_cluster=false"]  # fmt: skip
     if p.rag is not None:
-        sets += ["rag.train_questions=null", "rag.questions=3", f"rag.utility.judge={lm}", "rag.utility.dtype=fp32",
+        # a random tiny LM's listwise replies select nothing: answer likelihood (top third, whatever its sign)
+        # gives every retriever positives to train on
+        sets += ["rag.utility_mode=answer-likelihood", "rag.utility.min_utility=-1.0e9",
+                 "rag.utility.top_fraction=0.34", "rag.train_questions=null", "rag.questions=3", f"rag.utility.judge={lm}", "rag.utility.dtype=fp32",
                  "rag.utility.concurrency=[1,1]", "rag.utility.num_cpus_per_actor=1", "rag.utility.num_gpus_per_actor=0",
                  "rag.utility.autoscaling_cluster=false", f"rag.retriever.base_model={encoder}",
                  "rag.retriever.batch_size=1", "rag.retriever.group_size=4", "rag.retriever.max_positives=2", "rag.retriever.num_workers=1",
@@ -203,6 +206,9 @@ def cpu_overrides(p: PipelineConfig, out: Path, lm: Path, encoder: Path) -> list
                  "rag.retriever.eval_every=null", f"rag.eval.generator={lm}", "rag.eval.dtype=fp32",
                  "rag.eval.max_new_tokens=4", "rag.eval.concurrency=[1,1]", "rag.eval.num_cpus_per_actor=1",
                  "rag.eval.num_gpus_per_actor=0"]  # fmt: skip
+    if p.rag is not None and p.data.source == "trec-dl":
+        # no gold answers: utility labels come from pseudo answers, which a random tiny LM leaves empty
+        sets += ["rag.label_sources=[human]"]
     if p.data.source == "synth":
         sets += ["data.synth.entities=12", "data.synth.distractors=2", "data.synth.random_negatives=1"]
     elif not Path(p.data.src).exists():  # a cluster volume: the same data from the shared folder
