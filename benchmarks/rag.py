@@ -94,11 +94,8 @@ def main() -> int:
             k = "gold" if x["k"] is None else x["k"]
             print(f"{x['name']:<46} {k:>4}  {cell(x, 'supporting_recall'):<20} {cell(x, 'answer_in_context'):<20} "
                   f"{cell(x, 'em'):<20} {cell(x, 'f1'):<20}")  # fmt: skip
-    for name in ("utility", "utility_h20"):
-        d = rows.get(name, {}).get("answer_recall_vs_human")
-        if d:
-            print(f"{rows[name]['name']} - human, answer recall@5: {d['mean']:+.3f} [{d['ci_low']:+.3f}, "
-                  f"{d['ci_high']:+.3f}], paired over {d['n']} questions; ratio {rows[name]['answer_recall_ratio_to_human']}")  # fmt: skip
+    for line in s.get("comparisons", ()):
+        print(line)
     print(
         f"generation ({s['generator']}): {s['answers_per_busy_s']} answers per actor-second (one answer per "
         f"question and row), {s.get('answers_per_s')} answers/s over the wall time of the last run, start-up included"

@@ -332,12 +332,7 @@ def rag_section(run: Path) -> str:
                         _ci(r.get("f1_ci95"))] for r in summary["rows"].values()],
                       ["retriever", "k", "supporting recall@k", "95% CI", "answer recall@k", "95% CI", "EM",
                        "95% CI", "F1", "95% CI"]))  # fmt: skip
-    for r in summary["rows"].values():
-        d = r.get("answer_recall_vs_human")
-        if d:
-            out.append(f"<p>{html.escape(r['name'])} vs human labels, answer recall@k: {d['mean']:+.3f} "
-                       f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], paired over questions (ratio "
-                       f"{r.get('answer_recall_ratio_to_human')}).</p>")  # fmt: skip
+    out += [f"<p>{html.escape(c)}</p>" for c in summary.get("comparisons", ())]
     out.append(
         f"<p>Generation with {html.escape(str(summary.get('generator')))}: {summary.get('answers_per_busy_s')} answers per "
         f"actor-second (steady), {summary.get('answers_per_s')} answers/s over the last run's wall time (start-up "

@@ -154,6 +154,8 @@ def test_paired_difference():
     assert win["n"] == 30 and win["mean"] == pytest.approx(0.15)
     assert 0 < win["ci_low"] < win["mean"] < win["ci_high"] and win["p"] == 0.0
     assert win["mean_a"] - win["mean_b"] == pytest.approx(win["mean"])
+    assert win["ratio"] == pytest.approx(win["mean_a"] / win["mean_b"])
+    assert 1 < win["ratio_ci_low"] < win["ratio"] < win["ratio_ci_high"]
     lose = paired_difference(b, a, bootstrap=500, seed=1)
     assert lose["ci_high"] < 0 and lose["p"] == 1.0
     tie = paired_difference(a, a)
@@ -162,6 +164,12 @@ def test_paired_difference():
     part = paired_difference([1.0, None, 0.5], [0.0, 0.3, float("nan")], bootstrap=50)
     assert part["n"] == 1 and part["mean"] == 1.0
     assert paired_difference([None], [1.0])["n"] == 0 and paired_difference([None], [1.0])["mean"] is None
+    # b never scores: no ratio (not inf), the difference still stands
+    zero = paired_difference([1.0, 0.0, 1.0], [0.0, 0.0, 0.0], bootstrap=50)
+    assert zero["ratio"] is None and zero["ratio_ci_low"] is None and zero["mean"] == pytest.approx(2 / 3)
+    # b scores on one question in 20: most resamples still have mean(b) > 0, but not 97.5% of them
+    rare = paired_difference([1.0] * 20, [1.0] + [0.0] * 19, bootstrap=500)
+    assert rare["ratio"] == 20.0 and rare["ratio_ci_low"] is None
     assert paired_difference(a, b, bootstrap=500, seed=1) == win
     with pytest.raises(ValueError, match="same questions"):
         paired_difference([1.0], [1.0, 0.0])

@@ -395,3 +395,41 @@ def test_resume_continues_an_interrupted_stage_only_with_the_same_config(tmp_pat
     value["x"] = 2  # the section changed while the stage was cut off: what it finished is stale
     run(p, resume=True, echo=_quiet)
     assert seen == [False, True, False]
+
+
+def test_rag_summary_states_paper_2s_claims_once_with_paired_intervals(tmp_path):
+    """The vs-human comparison (difference and ratio of answer recall, paired CIs) is computed once into
+    summary.json; table.md shows the same sentence; questions only one system answered are left out of the pair."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.run import rag_summary
+
+    answers = tmp_path / "rag-eval" / "answers"
+    (answers / "rows").mkdir(parents=True)
+    recall = {
+        "human": [1, 1, 0, 1, 0, 1, 1, 0],
+        "utility": [1, 0, 0, 1, 0, 1, 1, 0],
+        "utility_h20": [1, 1, 1, 1, 0, 1, 1, 0],
+    }
+    rows = [(f"q{i}", s, float(v)) for s, vals in recall.items() for i, v in enumerate(vals)]
+    rows.append(("q9", "utility", 1.0))  # answered by utility only: not a pair
+    pq.write_table(pa.table({"qid": [r[0] for r in rows], "system": [r[1] for r in rows],
+                             "answer_in_context": [r[2] for r in rows]}), answers / "rows" / "part-0.parquet")  # fmt: skip
+
+    def stat(m):
+        return {"mean": m, "ci_low": m - 0.1, "ci_high": m + 0.1}
+
+    systems = {s: {"k": 5, "questions": 8, "answer_in_context": stat(sum(v) / 8), "em": stat(0.1), "f1": stat(0.2),
+                   "supporting_recall": stat(0.5), "empty_answers": 0, "without_gold_answer": 0}
+               for s, v in recall.items()}  # fmt: skip
+    s = rag_summary({"systems": systems, "k": 5, "generator": "tiny", "prompt_version": "rag-v1@x"}, answers)
+    d = s["rows"]["utility"]["answer_recall_vs_human"]
+    assert d["n"] == 8 and d["mean"] == pytest.approx(-1 / 8) and d["ratio"] == pytest.approx(4 / 5)
+    assert d["ratio_ci_low"] <= d["ratio"] <= d["ratio_ci_high"]
+    assert s["rows"]["utility_h20"]["answer_recall_vs_human"]["ratio"] == pytest.approx(6 / 5)
+    assert len(s["comparisons"]) == 2 and "0.80x [" in s["comparisons"][0]
+    saved = json.loads((tmp_path / "rag-eval" / "summary.json").read_text())
+    table = (tmp_path / "rag-eval" / "table.md").read_text()
+    assert saved["comparisons"] == s["comparisons"] and all(c in table for c in s["comparisons"])
+    assert (tmp_path / "rag-eval" / "rag.png").stat().st_size > 0
