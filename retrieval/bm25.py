@@ -116,23 +116,31 @@ class BM25Index:
         return bm25s.tokenize(list(queries), stopwords=self.params.stopwords, stemmer=self._stemmer,
                               show_progress=False, return_ids=False)  # fmt: skip
 
+    def _query_tokens(self, query: str) -> list[str]:
+        """The query's indexed terms, repeats kept: none for a query of stop words, punctuation, one-character
+        words or words no document has (such a query scores 0 against every document, whatever bm25s does with
+        an empty token list)."""
+        tokenized = self._tokens([query])
+        vocab = self.retriever.vocab_dict
+        return [t for t in (tokenized[0] if len(tokenized) else []) if t in vocab]
+
     def _query_ids(self, query: str) -> list[int]:
         """The query's token ids in the vocabulary, repeats kept (bm25s sums a repeated term once per repeat)."""
-        (tokens,) = self._tokens([query])
-        return self.retriever.get_tokens_ids(tokens)
+        tokens = self._query_tokens(query)
+        return self.retriever.get_tokens_ids(tokens) if tokens else []
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of ``query`` against every document, in row order (0 where no term matches). O(corpus):
         for tests and offline analysis, never per served query."""
-        (tokens,) = self._tokens([query])
+        tokens = self._query_tokens(query)
         if not tokens:
             return np.zeros(len(self), np.float32)
         return np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
 
     def _top_uncached(self, query: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        if depth == 0:
+        tokens = self._query_tokens(query)
+        if depth == 0 or not tokens:  # no indexed term: no document above another, so no top
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        (tokens,) = self._tokens([query])
         rows, scores = self.retriever.retrieve([tokens], k=depth, show_progress=False, n_threads=0)
         rows, scores = np.asarray(rows[0], np.int64), np.asarray(scores[0], np.float32)
         order = np.lexsort((rows, -scores))  # ties in row order, so the same query retrieves the same list

@@ -76,6 +76,37 @@ def test_queries_without_indexed_terms(tmp_path):
         assert score.tolist() == [0, 0] and rank.tolist() == [1, 1]
 
 
+NO_TERM = [
+    "the",
+    "?",
+    "0",
+    "",
+    "   ",
+    "日本語",
+    "Привет",
+    "the ? 0 of",
+]  # stop words, punctuation, digits, other scripts
+
+
+def test_a_query_with_no_indexed_term_scores_zero_everywhere(tmp_path):
+    built = BM25Index.build(list(DOCS), list(DOCS.values()))
+    for ix in (built, BM25Index.load(built.save(tmp_path / "bm25"))):
+        for q in NO_TERM:
+            assert ix.scores(q).tolist() == [0] * len(DOCS), q
+            assert ix.search([q], k=3) == [[]], q
+            rows, scores = ix.top(q, 3)
+            assert len(rows) == len(scores) == 0
+            score, rank = ix.score_pairs(q, ["a", "b", "unknown"])
+            assert score.tolist() == [0, 0, 0] and rank.tolist() == [1, 1, len(DOCS) + 1], q
+            score, rank = ix.score_texts(q, ["the cat sat", None, "日本語 0 ?"])
+            assert score.tolist() == [0, 0, 0] and rank.tolist() == [1, 1, 1], q
+        # one such query in a batch leaves the others' results alone
+        hits = ix.search(["cat", "the", "dogs"], k=3)
+        assert (
+            hits[1] == [] and hits[0] == ix.search(["cat"], k=3)[0] and hits[2] == ix.search(["dogs"], k=3)[0]
+        )
+
+
 def test_loaded_index_is_memory_mapped_without_a_docid_dict(tmp_path):
     ix = BM25Index.load(BM25Index.build(list(DOCS), list(DOCS.values())).save(tmp_path / "bm25"))
     assert isinstance(ix.retriever.scores["data"], np.memmap)
