@@ -97,3 +97,24 @@ def test_features_by_text_equal_features_by_docid(corpus, encoder):
     for name in FEATURES:
         np.testing.assert_array_equal(by_id[name], by_text[name], err_msg=name)
     assert by_id["bm25_rank"].max() == np.float32(np.log2(11))  # documents past the top 10 share rank 11
+
+
+def test_queries_with_no_indexed_term_get_zero_bm25_and_leave_the_batch_alone(corpus, encoder):
+    """Stop words only, punctuation, a digit, empty, other scripts: rows the features stage and the served ranker
+    meet in real query logs; each scores 0 on BM25 (rank 1: no document above another), finite everywhere, and
+    the other queries' rows of the same batch are unchanged."""
+    from models.features import check_finite
+
+    docids, texts = corpus
+    featurize = PairFeaturizer(BM25Index.build(docids, texts), encoder)
+    no_term = ["the", "?", "0", "", "日本語", "Привет"]
+    queries = [q for q in no_term for _ in range(3)] + ["cat on a mat"] * 3
+    ids, docs = docids[:3] * (len(no_term) + 1), texts[:3] * (len(no_term) + 1)
+    alone = featurize(["cat on a mat"] * 3, texts[:3], docids=docids[:3])
+    for by in ({"docids": ids}, {}):
+        feats = featurize(queries, docs, **by)
+        check_finite(np.column_stack([feats[f] for f in FEATURES]), FEATURES)
+        assert feats["bm25"][:-3].tolist() == [0] * (len(queries) - 3)
+        assert feats["bm25_rank"][:-3].tolist() == [0] * (len(queries) - 3)
+        for name in FEATURES:
+            np.testing.assert_array_equal(feats[name][-3:], alone[name], err_msg=name)
