@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from eval.ranking import bootstrap_ci
+from eval.ranking import bootstrap_ci, bootstrap_resamples
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -183,9 +183,9 @@ def paired_difference(
     d = va - vb
     # eval.ranking.bootstrap_ci returns only the interval; the interval, p and the ratio's interval are read off
     # one set of resamples (the same questions drawn for a and b: a paired interval of mean(a) / mean(b)).
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(bootstrap, len(d)))
-    means = d[idx].mean(axis=1)
-    ma, mb = va[idx].mean(axis=1), vb[idx].mean(axis=1)
+    chunks = [(d[i].mean(axis=1), va[i].mean(axis=1), vb[i].mean(axis=1))
+              for i in bootstrap_resamples(len(d), bootstrap, seed)]  # fmt: skip
+    means, ma, mb = (np.concatenate(c) for c in zip(*chunks, strict=True))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(mb > 0, ma / mb, np.nan)
     defined = bool(

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from eval.ranking import bootstrap_resamples
+
 
 @dataclass
 class SelectionQuality:
@@ -70,8 +72,8 @@ def selection_quality(
     f1_q = np.array([_f1(p, r) for p, r in zip(p_q, r_q, strict=True)])
     precision = float(tp.sum() / sel.sum()) if sel.sum() else 0.0
     recall = float(tp.sum() / pos.sum())
-    rng = np.random.default_rng(seed)
-    boots = f1_q[rng.integers(0, len(qids), size=(n_boot, len(qids)))].mean(axis=1) if len(qids) > 1 else f1_q
+    boots = (np.concatenate([f1_q[i].mean(axis=1) for i in bootstrap_resamples(len(qids), n_boot, seed)])
+             if len(qids) > 1 else f1_q)  # fmt: skip
     return SelectionQuality(
         precision=precision, recall=recall, f1=_f1(precision, recall), f1_per_question=float(f1_q.mean()),
         f1_ci=(float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))),

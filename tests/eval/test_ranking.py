@@ -57,3 +57,19 @@ def test_paired_compare_sign_and_interval():
     assert c.diff == pytest.approx(0.075) and c.ci95[0] > 0 and c.p_ttest < 1e-6 and c.n_queries == 20
     same = paired_compare(a, a, "ndcg")
     assert same.diff == 0 and same.p_ttest == 1.0
+
+
+def test_bootstrap_draws_in_bounded_chunks_with_the_draws_of_one_call(monkeypatch):
+    """Resamples come a chunk at a time (100k questions x 2,000 resamples in one array is 1.6 GB of indices),
+    and chunking changes no interval: the draws equal one (n_boot, n) call with the same seed."""
+    import numpy as np
+
+    from eval import ranking
+
+    v = np.random.default_rng(5).random(300)
+    whole = v[np.random.default_rng(3).integers(0, 300, size=(500, 300))].mean(axis=1)
+    expect = (np.percentile(whole, 2.5), np.percentile(whole, 97.5))
+    monkeypatch.setattr(ranking, "BOOTSTRAP_CHUNK_VALUES", 300 * 7)  # 7 resamples a chunk
+    chunks = list(ranking.bootstrap_resamples(300, 500, seed=3))
+    assert max(len(c) for c in chunks) == 7 and sum(len(c) for c in chunks) == 500
+    assert ranking.bootstrap_ci(v, n_boot=500, seed=3) == pytest.approx(expect)
