@@ -3,10 +3,10 @@ retrievers give better answers? ../shared/data/hotpotqa-dev-500, through ``augre
 itself, so the figures are the ones a user gets from the pipeline.
 
 Data: the 500 dev questions (distractor setting) split by question, seeded: train 60% / val 10% / test 30%; every
-paragraph of every question pooled into one corpus (~4,900 passages). Who learns from what: the train questions'
-retrieved candidates (BM25 + MiniLM, fused, top 10) are utility-annotated (answer likelihood of the gold answer
+paragraph of every question pooled into one corpus (4,858 passages once repeats are merged). Who learns from what:
+the first 100 train questions' retrieved candidates (BM25 + MiniLM, fused, top 10) are utility-annotated (answer likelihood of the gold answer
 by Gemma 3 270M, the top 20% of each question's candidates kept) and, with the train questions' human supporting
-labels, train three MiniLM retrievers (SumMargLH, 2 Ray Train workers): human labels; utility labels; utility labels
+labels, train three MiniLM retrievers (SumMargLH, 2 Ray Train workers, one epoch): human labels; utility labels; utility labels
 then one epoch on the human labels of 20% of the questions (curriculum). The val questions pick each retriever's
 checkpoint. The test questions train, validate and calibrate nothing: they are the rows of the table.
 
