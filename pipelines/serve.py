@@ -11,8 +11,10 @@ Routes (OpenAPI at ``/docs``):
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (models loaded; what is served).
 
 Requests are JSON validated by pydantic models whose caps come from ``limits`` (a bad field answers 422 naming
-it); bodies over ``limits.max_body_bytes`` answer 413 before they are parsed; nothing is ever unpickled from a
-request. ``max_ongoing_requests`` per replica and ``max_queued_requests`` bound the queue: past them Serve answers
+it; a candidate given by docid alone that the index does not have, 404); bodies over ``limits.max_body_bytes``
+answer 413 before they are parsed; nothing is ever unpickled from a request. Every status a route answers is in the
+OpenAPI document (``/openapi.json``), and every error the application answers has one body shape, ``ErrorBody``
+(Schemathesis checks both: tests/pipelines/test_serve_contract.py). ``max_ongoing_requests`` per replica and ``max_queued_requests`` bound the queue: past them Serve answers
 503 at once instead of letting latency grow without bound. With ``auth_token_env`` naming a set environment
 variable, every route but the health checks needs ``Authorization: Bearer <token>`` (401 otherwise); the replicas
 get only the token's SHA-256.
@@ -351,8 +353,12 @@ def request_models(limits: Limits) -> dict[str, type[BaseModel]]:
         __validators__={"unique_docids": field_validator("candidates")(_unique)},
         query=(str, Field(min_length=1, max_length=limits.max_query_chars, pattern=r"\S")),
         k=(int, Field(10, ge=1, le=limits.max_k)),
+        # uniqueItems says part of what unique_docids checks (two candidates may differ in text, not in docid),
+        # so a schema-driven client or fuzzer does not send the same candidate twice
         candidates=(list[Candidate] | None, Field(None, max_length=limits.max_candidates,
-                                                  description="rank these; omitted: retrieve from the index")),
+                                                  json_schema_extra={"uniqueItems": True},
+                                                  description="rank these, docids distinct; omitted: retrieve from "
+                                                              "the index")),
     )  # fmt: skip
     JudgePair = create_model(
         "JudgePair", __config__=strict,
@@ -403,9 +409,55 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# ------------------------------------------------------------------------------------------ errors
+
+
+class ErrorItem(BaseModel):
+    """One thing wrong with a request. 422s add pydantic's own keys (``input``, ``ctx``, ``url``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="machine-readable kind: a pydantic error type, unauthorized, too_large, ..."
+    )
+    loc: list[str | int] = Field(
+        description="where: e.g. [body, candidates, 3, text]; [] when nowhere in particular"
+    )
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error the application answers (401, 404, 405, 413, 422): FastAPI's validation-error
+    shape, used for the other errors too, so a client reads one shape."""
+
+    detail: list[ErrorItem]
+
+
+def error_body(status: int, msg: str, loc: list[str | int] | None = None, type: str | None = None) -> dict:
+    return {"detail": [{"type": type or _ERROR_TYPES.get(status, "error"), "loc": loc or [], "msg": msg}]}
+
+
+_ERROR_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+# What the service answers besides 200, per route. 503 is Ray Serve's own answer (plain text, Retry-After) when a
+# deployment's queue is full (max_queued_requests) or it has no replica running: the application never sees those
+# requests, so the body is Serve's, not ErrorBody.
+_BACKPRESSURE = {503: {"description": "overloaded: the queue is full (max_queued_requests) or no replica runs; "
+                                      "retry after Retry-After seconds (Ray Serve's plain-text answer)",
+                       "content": {"text/plain": {"schema": {"type": "string"}}},
+                       "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                   "description": "seconds (sent when Serve knows a delay)"}}}}  # fmt: skip
+_TOO_LARGE = {413: {"model": ErrorBody, "description": "request body over limits.max_body_bytes"}}
+_INVALID = {422: {"model": ErrorBody, "description": "invalid request: not JSON, or a field past its cap"}}
+_UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or wrong bearer token",
+                       "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}}}  # fmt: skip
+
+
 class BodyLimit:
-    """ASGI middleware: a request body past ``max_bytes`` answers 413 before anything parses it (a declared
-    Content-Length is checked up front; a chunked body is counted as it arrives)."""
+    """ASGI middleware: a request body past ``max_bytes`` answers 413 before anything parses it. A declared
+    Content-Length is checked up front; a chunked body is read here, counted as it arrives, and handed on whole
+    (an exception raised from inside the app's body read would reach FastAPI's body parser, which answers any
+    error there with 400)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -416,59 +468,194 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._reject(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
+            if msg["type"] != "http.request":
+                return None  # the client left before sending its body: nobody to answer
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                return await self._reject(send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
 
-        try:
-            return await self.app(scope, counted, send)
-        except _TooLarge:
-            return await self._reject(send)
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body, what the server sends next (a disconnect)
+
+        return await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        body = b'{"detail":"request body too large"}'
+        msg = f"request body over {self.max_bytes} bytes (limits.max_body_bytes)"
+        body = json.dumps(error_body(413, msg, ["body"])).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
-
-
 # ------------------------------------------------------------------------------------------ the app
 
 
-def build_app(cfg: ServeConfig, token: str | None = None):
-    """The Serve application: a FastAPI ingress deployment for the ranker, bound to a judge deployment when
-    ``cfg.judge`` is set. ``token`` defaults to the value of ``cfg.auth_token_env`` in this environment."""
+class _JudgeHandle:
+    """The judge deployment as the routes call it (a Serve handle: pairs of concurrent requests meet in its
+    ``@serve.batch``)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def grade(self, pair: tuple[str, str, str | None]) -> dict[str, Any]:
+        return await self.handle.grade.remote(pair)
+
+    async def info(self) -> dict[str, str]:
+        return await self.handle.info.remote()
+
+
+class LocalJudge:
+    """The judge in this process, one pair per forward pass: for ``make_api`` without Serve (the contract test and
+    the in-process benchmark run the routes the replicas run)."""
+
+    def __init__(self, settings: "JudgeServeSettings"):
+        from models.judge_card import load_judge
+
+        self.judge = load_judge(settings.path, dtype=settings.dtype)
+        self.scorer = self.judge.scorer(settings.max_batch_size)
+
+    async def grade(self, pair: tuple[str, str, str | None]) -> dict[str, Any]:
+        (g,) = await asyncio.to_thread(_grades, self.scorer, [pair])
+        return g
+
+    async def info(self) -> dict[str, str]:
+        return {"judge": self.judge.card.name, "prompt_version": self.scorer.prompt_version}
+
+
+def _grades(scorer, pairs: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+    q, t, ti = zip(*pairs, strict=True)
+    s = scorer.score(list(q), list(t), list(ti))
+    return [{"label": int(s.label[i]), "score": float(s.score[i]), "probs": s.probs[i].tolist(),
+             "truncated": bool(s.truncated[i])} for i in range(len(pairs))]  # fmt: skip
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    ranker: str
+    features: list[str]
+    index_docs: int
+    retriever: str
+    judge: str | None
+    uptime_s: float
+
+
+def make_api(cfg: ServeConfig, service: RankService, digest: str | None = None, judge=None):
+    """The FastAPI application a ranker replica serves, around a loaded ``service``: what Serve's proxy routes to,
+    and what a test drives in-process. ``digest``: SHA-256 of the bearer token (None: no auth); ``judge``: an
+    object with async ``grade(pair)`` and ``info()`` (None: /judge answers 404)."""
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    models = request_models(cfg.limits)
+    RankRequest, JudgeRequest = models["RankRequest"], models["JudgeRequest"]
+    started = time.time()
+
+    api = FastAPI(title="augrel", version=SERVE_VERSION,
+                  description="Rank documents with augrel's LambdaMART ranker; grade pairs with its judge.")  # fmt: skip
+    api.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not decode before JSON parsing (not UTF-8): malformed input,
+            # like malformed JSON, which it answers 422
+            body = error_body(
+                422, "the body is not JSON (it could not be decoded as UTF-8)", ["body"], "json_invalid"
+            )
+            return JSONResponse(body, status_code=422)
+        body = (
+            {"detail": exc.detail}
+            if isinstance(exc.detail, list)
+            else error_body(exc.status_code, str(exc.detail))
+        )
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token> (auth_token_env)")
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = credentials.credentials.strip() if credentials is not None else ""
+        if credentials is None or not hmac.compare_digest(token_digest(given), digest or ""):
+            raise HTTPException(401, [{"type": "unauthorized", "loc": ["header", "authorization"],
+                                       "msg": "missing or wrong bearer token"}],
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    guarded = [Depends(authorized)] if digest is not None else []
+    errors = {**_BACKPRESSURE, **_TOO_LARGE}
+    body_errors = {**(_UNAUTHORIZED if digest is not None else {}), **_TOO_LARGE, **_INVALID, **_BACKPRESSURE}
+
+    @api.get("/healthz", response_model=Health, responses=errors, summary="liveness: the replica answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get(
+        "/readyz", response_model=Ready, responses=errors, summary="readiness: models loaded; what is served"
+    )
+    def readyz() -> dict[str, Any]:
+        return {"status": "ready", "ranker": cfg.ranker, "features": service.ranker.features,
+                "index_docs": service.n_docs, "retriever": cfg.retriever,
+                "judge": cfg.judge.path if cfg.judge else None,
+                "uptime_s": round(time.time() - started, 1)}  # fmt: skip
+
+    rank_errors = {
+        **body_errors,
+        404: {
+            "model": ErrorBody,
+            "description": "a candidate without text names a docid the index does not have",
+        },
+    }
+
+    @api.post("/rank", response_model=RankResponse, dependencies=guarded, responses=rank_errors,
+              summary="rank the given candidates, or retrieve and rank")  # fmt: skip
+    def rank(req: RankRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        cands = None if req.candidates is None else [c.model_dump() for c in req.candidates]
+        try:
+            return service.rank(req.query, req.k, cands)
+        except UnknownCandidate as e:
+            # the body is valid, the document it names is not there: not found, as a GET of that docid would be
+            raise HTTPException(404, [{"type": "unknown_docid", "loc": ["body", "candidates", e.index, "docid"],
+                                       "msg": str(e)}]) from None  # fmt: skip
+
+    judge_errors = {**body_errors, 404: {"model": ErrorBody, "description": "no judge is served"}}
+
+    @api.post("/judge", response_model=JudgeResponse, dependencies=guarded, responses=judge_errors,
+              summary="grade (query, passage) pairs with the judge")  # fmt: skip
+    async def grade(req: JudgeRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        if judge is None:
+            raise HTTPException(404, [{"type": "not_found", "loc": [],
+                                       "msg": "no judge is served (set judge.path in the serve config)"}])  # fmt: skip
+        grades = await asyncio.gather(*[judge.grade((p.query, p.text, p.title)) for p in req.pairs])
+        return {**await judge.info(), "grades": grades}
+
+    return api
+
+
+def build_app(cfg: ServeConfig, token: str | None = None):
+    """The Serve application: a FastAPI ingress deployment for the ranker (``make_api`` built in each replica),
+    bound to a judge deployment when ``cfg.judge`` is set. ``token`` defaults to the value of
+    ``cfg.auth_token_env`` in this environment; the replicas get only its SHA-256."""
     from ray import serve
 
     cfg.check_paths()
     if token is None and cfg.auth_token_env:
         token = os.environ.get(cfg.auth_token_env) or None
     digest = token_digest(token) if token else None
-    models = request_models(cfg.limits)
-    RankRequest, JudgeRequest = models["RankRequest"], models["JudgeRequest"]
-
-    api = FastAPI(title="augrel", version=SERVE_VERSION,
-                  description="Rank documents with augrel's LambdaMART ranker; grade pairs with its judge.")  # fmt: skip
-    api.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
-
-    def authorized(request: Request) -> None:
-        if digest is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), digest):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     judge_app = None
     if cfg.judge is not None:
@@ -494,55 +681,24 @@ def build_app(cfg: ServeConfig, token: str | None = None):
 
             @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
             async def grade(self, pairs: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
-                q, t, ti = zip(*pairs, strict=True)
-                s = await asyncio.to_thread(self.scorer.score, list(q), list(t), list(ti))
-                return [{"label": int(s.label[i]), "score": float(s.score[i]), "probs": s.probs[i].tolist(),
-                         "truncated": bool(s.truncated[i])} for i in range(len(pairs))]  # fmt: skip
+                return await asyncio.to_thread(_grades, self.scorer, pairs)
 
         judge_app = JudgeDeployment.bind(j.model_dump())
 
+    # the app is built in the replica, around the service it loaded (serve.ingress without an app calls
+    # __serve_build_asgi_app__ after __init__): the same make_api a test runs in-process
     @serve.deployment(name="Ranker", **cfg.deployment.options())
-    @serve.ingress(api)
+    @serve.ingress()
     class RankerIngress:
-        def __init__(self, settings: dict[str, Any], judge=None):
+        def __init__(self, settings: dict[str, Any], digest: str | None, judge=None):
             self.cfg = ServeConfig.model_validate(settings)
             self.service = RankService(self.cfg)
-            self.judge = judge
-            self.started = time.time()
+            self.digest, self.judge = digest, None if judge is None else _JudgeHandle(judge)
 
-        @api.get("/healthz", summary="liveness: the replica answers")
-        def healthz(self) -> dict[str, str]:
-            return {"status": "ok"}
+        def __serve_build_asgi_app__(self):
+            return make_api(self.cfg, self.service, self.digest, self.judge)
 
-        @api.get("/readyz", summary="readiness: models loaded; what is served")
-        def readyz(self) -> dict[str, Any]:
-            return {"status": "ready", "ranker": self.cfg.ranker, "features": self.service.ranker.features,
-                    "index_docs": self.service.n_docs, "retriever": self.cfg.retriever,
-                    "judge": self.cfg.judge.path if self.cfg.judge else None,
-                    "uptime_s": round(time.time() - self.started, 1)}  # fmt: skip
-
-        @api.post("/rank", response_model=RankResponse, dependencies=[Depends(authorized)],
-                  summary="rank the given candidates, or retrieve and rank")  # fmt: skip
-        def rank(self, req: RankRequest) -> dict[str, Any]:  # type: ignore[valid-type]
-            cands = None if req.candidates is None else [c.model_dump() for c in req.candidates]
-            try:
-                return self.service.rank(req.query, req.k, cands)
-            except UnknownCandidate as e:
-                raise HTTPException(422, [{"type": "missing", "loc": ["body", "candidates", e.index, "text"],
-                                           "msg": str(e)}]) from None  # fmt: skip
-
-        @api.post("/judge", response_model=JudgeResponse, dependencies=[Depends(authorized)],
-                  summary="grade (query, passage) pairs with the judge")  # fmt: skip
-        async def judge(self, req: JudgeRequest) -> dict[str, Any]:  # type: ignore[valid-type]
-            if self.judge is None:
-                raise HTTPException(404, "no judge is served (set judge.path in the serve config)")
-            grades = await asyncio.gather(
-                *[self.judge.grade.remote((p.query, p.text, p.title)) for p in req.pairs]
-            )
-            info = await self.judge.info.remote()
-            return {**info, "grades": grades}
-
-    return RankerIngress.bind(cfg.model_dump(mode="json"), judge_app)
+    return RankerIngress.bind(cfg.model_dump(mode="json"), digest, judge_app)
 
 
 def app_builder(args: dict[str, Any]):

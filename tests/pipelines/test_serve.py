@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,19 +23,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_BUILT: dict[str, Path] = {}
+
+
+def build_artifacts(synth_dataset: Path, tmp_path_factory) -> Path:
+    """An index (BM25 + FAISS) over the synthetic docs and a ranker trained on their human labels, built once per
+    test session (the serve and contract tests share it: building takes minutes on 2 cores). Needs Ray."""
+    if "root" not in _BUILT:
+        from pipelines.index import IndexConfig, build
+        from pipelines.rank import FeaturesConfig, RankTrainConfig, features, train
+
+        root = tmp_path_factory.mktemp("serve")
+        docs = str(synth_dataset / "docs")
+        build(IndexConfig(docs=docs, out=str(root / "index"), concurrency=1, num_cpus_per_actor=1))
+        features(FeaturesConfig(pairs=str(synth_dataset / "pairs"), docs=docs, out=str(root / "features")))
+        train(RankTrainConfig(features=str(root / "features"), label_source="human", out=str(root / "ranker"),
+                              ranker={"n_estimators": 60}))  # fmt: skip
+        _BUILT["root"] = root
+    return _BUILT["root"]
+
+
 @pytest.fixture(scope="module")
 def artifacts(ray_session, synth_dataset, tmp_path_factory):
-    """An index (BM25 + FAISS) over the synthetic docs and a ranker trained on their human labels."""
-    from pipelines.index import IndexConfig, build
-    from pipelines.rank import FeaturesConfig, RankTrainConfig, features, train
-
-    root = tmp_path_factory.mktemp("serve")
-    docs = str(synth_dataset / "docs")
-    build(IndexConfig(docs=docs, out=str(root / "index"), concurrency=1, num_cpus_per_actor=1))
-    features(FeaturesConfig(pairs=str(synth_dataset / "pairs"), docs=docs, out=str(root / "features")))
-    train(RankTrainConfig(features=str(root / "features"), label_source="human", out=str(root / "ranker"),
-                          ranker={"n_estimators": 60}))  # fmt: skip
-    return root
+    return build_artifacts(synth_dataset, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,6 @@ BAD = [
     ({"query": "q", "k": 0}, "k"),
     ({"query": "q", "k": 1001}, "k"),
     ({"query": "q", "k": "ten"}, "k"),
-    ({"query": "q", "candidates": [{"docid": "not-indexed"}]}, "text"),
     ({"query": "q", "candidates": [{"docid": "", "text": "t"}]}, "docid"),
     ({"query": "q", "candidates": [{"docid": "a", "text": "t"}, {"docid": "a", "text": "u"}]}, "candidates"),
     ({"query": "q", "candidates": [{"docid": f"d{i}", "text": "t"} for i in range(201)]}, "candidates"),
@@ -142,13 +152,27 @@ def test_bad_rank_requests_answer_422_naming_the_field(served, body, field):
     assert any(field in [str(p) for p in e["loc"]] for e in r.json()["detail"]), r.json()
 
 
+def test_an_unindexed_docid_without_text_is_404_naming_it(served):
+    _, url = served
+    r = _post(
+        url, "/rank", {"query": "q", "candidates": [{"docid": "a", "text": "t"}, {"docid": "not-indexed"}]}
+    )
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "candidates", 1, "docid"]
+    assert "not-indexed" in r.json()["detail"][0]["msg"]
+
+
 def test_malformed_and_oversized_bodies_are_4xx(served):
     _, url = served
     h = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     assert requests.post(url + "/rank", data=b"{not json", headers=h, timeout=30).status_code == 422
     assert requests.post(url + "/rank", data=b"\xff\xfe", headers=h, timeout=30).status_code == 422
+    assert requests.post(url + "/rank", data=b'{"query": "\xc3("}', headers=h, timeout=30).status_code == 422
     big = {"query": "q", "candidates": [{"docid": f"d{i}", "text": "x" * 1500} for i in range(60)]}
     assert _post(url, "/rank", big).status_code == 413
+    # a chunked body (no Content-Length) is counted as it arrives
+    chunks = (b"x" * 8192 for _ in range(10))
+    assert requests.post(url + "/rank", data=chunks, headers=h, timeout=30).status_code == 413
     assert _post(url, "/judge", {"pairs": []}).status_code == 422
 
 
