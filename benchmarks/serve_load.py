@@ -15,7 +15,9 @@ Corpora:
 Table 1 (DL19, 100 candidates given per request): in-process ``RankService.rank`` (one caller) | Serve, 1 client |
 Serve, N clients (the load test) | the same with a quarter of the requests malformed (422 expected, never 5xx) |
 8N clients past the queue (load shedding: 503 expected, never another 5xx) | a replica killed under 1 client (time
-to the next 200) | 1 client sending 100 texts the index has not seen (each encoded per request).
+to the next 200) | 1 client sending 100 texts the index has not seen (each encoded per request) | N clients sending
+requests Schemathesis generates from the service's OpenAPI document (half valid, half not: wrong types, missing
+fields, values past a cap, odd strings; 4xx expected for the invalid ones, never a 5xx).
 
 Table 2 (corpus scale, both corpora): requests without candidates (BM25 top 100 retrieved from the corpus,
 featurized from the document store and the stored vectors, ranked): in-process | Serve, 1 client | Serve, N
@@ -25,10 +27,10 @@ BM25 top documents would otherwise answer them). The service's open time (index,
 printed per corpus.
 
 Last line: ``RESULT rps=.. p50_ms=.. p99_ms=.. errors_5xx=.. overhead_ratio=.. recovery_s=.. p50_ms_dl19=..
-p99_ms_dl19=.. p50_ms_synth=.. p99_ms_synth=.. synth_docs=..`` where rps, p50_ms and p99_ms are table 1's load
+p99_ms_dl19=.. p50_ms_synth=.. p99_ms_synth=.. synth_docs=.. fuzzed=.. fuzzed_5xx=..`` where rps, p50_ms and p99_ms are table 1's load
 test, errors_5xx counts 5xx answers in every row but the overload row's 503s, overhead_ratio is Serve's p50 at
 one client over the in-process p50, and the *_dl19 / *_synth latencies are table 2's retrieve-and-rank load test
-(N clients) on each corpus.
+(N clients) on each corpus, fuzzed counts the fuzzed requests answered and fuzzed_5xx their 5xx answers (503 included).
 
     python benchmarks/serve_load.py [--quick] [--clients N] [--seconds S] [--synth-docs N]
 """
@@ -180,8 +182,31 @@ def passage_queries(index_dir: Path, n: int, seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------- load
 
 
-def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float, bad_every: int = 0) -> dict:
-    """``clients`` threads, each sending its next request when the last one answered, for ``seconds``."""
+def fuzzed_requests(url: str, n: int, seed: int = 21) -> list[dict]:
+    """``n`` requests to ``POST /rank`` that Schemathesis generates from the running service's OpenAPI document
+    (half valid, half not), as keyword arguments of ``requests.request``."""
+    import hypothesis
+    import schemathesis
+
+    op = schemathesis.openapi.from_url(f"{url}/openapi.json")["/rank"]["POST"]
+    out: list[dict] = []
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+        @hypothesis.seed(seed)
+        @hypothesis.settings(max_examples=n // 2, database=None, deadline=None, phases=[hypothesis.Phase.generate],
+                             suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+        @hypothesis.given(case=op.as_strategy(generation_mode=mode))
+        def collect(case) -> None:
+            out.append(case.as_transport_kwargs(base_url=url))
+
+        collect()
+    return out
+
+
+def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float, bad_every: int = 0,
+                raw: bool = False) -> dict:  # fmt: skip
+    """``clients`` threads, each sending its next request when the last one answered, for ``seconds``. ``raw``:
+    ``bodies`` are ``requests.request`` keyword arguments (any method, path, headers and body), not /rank bodies."""
     import requests
 
     lat: list[float] = []
@@ -197,7 +222,10 @@ def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float, bad_
             body = bad if bad_every and n % bad_every == 0 else bodies[n % len(bodies)]
             t0 = time.perf_counter()
             try:
-                code = s.post(url + "/rank", json=body, timeout=120).status_code
+                if raw:
+                    code = s.request(**{**body, "timeout": 120}).status_code
+                else:
+                    code = s.post(url + "/rank", json=body, timeout=120).status_code
             except requests.RequestException:
                 code = -1  # connection refused / reset: counted as an error
             dt = time.perf_counter() - t0
@@ -360,6 +388,7 @@ def main() -> None:
     serve.run(S.build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     closed_loop(url, bodies, 2, 2.0)  # warm the replicas
+    fuzzed = fuzzed_requests(url, 100 if a.quick else 400)
 
     rng = np.random.default_rng(1)
     fresh = [{**b, "candidates": [{"docid": f"new-{i}", "text": " ".join(rng.permutation(c["text"].split()))}
@@ -372,6 +401,7 @@ def main() -> None:
         (f"Serve, {8 * a.clients} clients (past the queue)", closed_loop(url, bodies, 8 * a.clients, seconds)),
         ("Serve, a replica killed, 1 client", recovery(url, bodies, cfg.name)),
         ("Serve, 1 client, 100 unseen texts", closed_loop(url, fresh, 1, seconds)),
+        (f"Serve, {a.clients} clients, fuzzed (Schemathesis)", closed_loop(url, fuzzed, a.clients, seconds, raw=True)),
     ]  # fmt: skip
     dl19_label = f"DL19 {service.n_docs:,}"
     scale = scale_rows(dl19_label, service, url, root / "index", a.clients, seconds, seed=2)
@@ -404,6 +434,7 @@ def main() -> None:
     by = dict(rows)
     load = by[f"Serve, {a.clients} clients (load test)"]
     rec = by["Serve, a replica killed, 1 client"]
+    fuzz = by[f"Serve, {a.clients} clients, fuzzed (Schemathesis)"]
     errors_5xx = (sum(r["5xx"] for _, r in rows + scale)
                   + sum(r["503"] for n, r in rows + scale if "past the queue" not in n and "killed" not in n))  # fmt: skip
     overhead = by["Serve, 1 client"]["p50"] / by["in-process RankService, 1 caller"]["p50"]
@@ -419,7 +450,8 @@ def main() -> None:
     print(f"RESULT rps={load['rps']:.1f} p50_ms={load['p50']:.1f} p99_ms={load['p99']:.1f} errors_5xx={errors_5xx} "
           f"overhead_ratio={overhead:.2f} recovery_s={rec['recovery_s']:.1f} p50_ms_dl19={d['p50']:.1f} "
           f"p99_ms_dl19={d['p99']:.1f} p50_ms_synth={y['p50']:.1f} p99_ms_synth={y['p99']:.1f} "
-          f"synth_docs={synth.n_docs}")  # fmt: skip
+          f"synth_docs={synth.n_docs} fuzzed={fuzz['ok'] + fuzz['4xx'] + fuzz['503'] + fuzz['5xx']} "
+          f"fuzzed_5xx={fuzz['5xx'] + fuzz['503']}")  # fmt: skip
 
 
 if __name__ == "__main__":
