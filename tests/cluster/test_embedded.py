@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from cluster.embedded import (
@@ -14,6 +15,7 @@ from cluster.embedded import (
     QUIET_WORKERS_ENV,
     WORKER_LOG_ENV,
     _Divert,
+    _divert_library_deprecations,
     _narration_loggers,
     _quiet_worker,
     worker_runtime_env,
@@ -179,3 +181,34 @@ def test_the_loggers_named_by_file_exist_in_this_ray():
     # Ray Train names one module's logger after its path: a moved module would silently print again
     paths = [n for n in _narration_loggers() if n.endswith(".py")]
     assert paths and all(Path(p).is_file() for p in paths)
+
+
+def test_a_library_deprecation_goes_to_the_file_and_one_at_our_code_still_prints():
+    to_file: list[str] = []
+    printed: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            to_file.append(record.getMessage())
+
+    saved = warnings.showwarning
+    try:
+        warnings.showwarning = lambda message, *a, **k: printed.append(str(message))  # stands for the console
+        _divert_library_deprecations(Keep())
+        lib = (
+            "/venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/execution_options.py"
+        )
+        warnings.showwarning(
+            DeprecationWarning("`ExecutionOptions.exclude_resources` is deprecated"),
+            DeprecationWarning,
+            lib,
+            436,
+        )
+        warnings.showwarning(
+            FutureWarning("`x` is deprecated"), FutureWarning, str(REPO / "models" / "a.py"), 7
+        )
+        warnings.showwarning(UserWarning("weights not initialised"), UserWarning, lib, 9)
+    finally:
+        warnings.showwarning = saved
+    assert len(to_file) == 1 and "exclude_resources" in to_file[0]
+    assert printed == ["`x` is deprecated", "weights not initialised"]
