@@ -584,9 +584,8 @@ def _cmd_judge(a: argparse.Namespace) -> int:
 
         cfg = load_config(FinetuneConfig, a.config, a.overrides, train=a.train, val=a.val, out=a.out,
                           base_model=a.base_model)  # fmt: skip
-        init_ray(
-            a.address, quiet=False
-        )  # the workers' progress lines (one per evaluation) are the progress bar
+        # the workers' progress lines (one per evaluation) are the progress bar; Ray's narration goes to the log
+        init_ray(a.address, quiet=not a.verbose, worker_output=True)
         r = finetune(cfg)
         m = r.extra["metrics"]
         print(r.summary())
@@ -765,7 +764,7 @@ def _cmd_retriever(a: argparse.Namespace) -> int:
 
     cfg = load_config(RetrieverTrainConfig, a.config, a.overrides, index=a.index, queries=a.queries, out=a.out,
                       base_model=a.base_model)  # fmt: skip
-    init_ray(a.address, quiet=False)  # the workers' lines (one per evaluation) are the progress bar
+    init_ray(a.address, quiet=not a.verbose, worker_output=True)  # the workers' lines are the progress bar
     r = train(cfg)
     m = r.extra["metrics"]
     print(r.summary())
