@@ -44,9 +44,34 @@ class Scores:
     score: np.ndarray  # (n,) float32, expected grade
     truncated: np.ndarray  # (n,) bool, the passage was cut to max_doc_tokens
     n_tokens: np.ndarray  # (n,) int32, prompt length in tokens (prefix included)
+    #: set by ``models.injection.InjectionGuard``: an instruction-like span was found in the passage, and its kinds
+    injection: np.ndarray | None = None  # (n,) bool
+    injection_kind: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def confidence(self, grades: Sequence[int]) -> np.ndarray:
+        """(n,) the judge's probability of its own label (``label_confidence``)."""
+        return label_confidence(self.probs, self.label, grades)
+
+
+def label_confidence(probs: np.ndarray, label: np.ndarray, grades: Sequence[int]) -> np.ndarray:
+    """The probability the judge gives to the label it wrote: ``probs[i, grades.index(label[i])]``.
+
+    Why this measure: a stacked judge's probabilities come from a multinomial logistic regression fit on human
+    grades in their natural mix, so ``p(label)`` estimates the chance that an assessor would write the same
+    grade, which is what review routing needs (the pairs most likely to be wrong). Max probability would
+    disagree with a cut-point label (the label is cut from the expected grade, not the argmax); a margin has no
+    such reading. For an LLM judge without a stack the probabilities are the grade tokens' softmax, less well
+    calibrated, but still ordered.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if not len(probs):
+        return np.zeros(0, np.float32)
+    col = {g: i for i, g in enumerate(grades)}
+    idx = np.array([col[int(v)] for v in np.asarray(label)], dtype=np.int64)
+    return probs[np.arange(len(idx)), idx].astype(np.float32)
 
 
 @dataclass

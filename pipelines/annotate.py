@@ -610,7 +610,9 @@ class JudgeActor:
         s = self.scorer.score(pairs.column("query").to_pylist(), pairs.column("text").to_pylist(),
                               pairs.column("title").to_pylist(), pairs.column("url").to_pylist())  # fmt: skip
         s.truncated |= pairs.column("_clipped").to_numpy(zero_copy_only=False)
-        out = judgments_table(pairs, s, self.judge.card.name, self.scorer.prompt_version)
+        out = judgments_table(
+            pairs, s, self.judge.card.name, self.scorer.prompt_version, self.judge.card.grades
+        )
         busy = time.perf_counter() - t0
         n = out.num_rows
         for c in _TAGS.names:
@@ -621,7 +623,9 @@ class JudgeActor:
 
 
 def _empty_judgments(n: int, table: str = "judgments") -> pa.Table:
-    schema = UTILITY_SCHEMA if table == "utility" else T.JUDGMENTS.schema(["truncated", "n_tokens"])
+    schema = (
+        UTILITY_SCHEMA if table == "utility" else T.JUDGMENTS.schema([c.name for c in T.JUDGMENTS.optional])
+    )
     return pa.table({f.name: pa.nulls(n, f.type) for f in schema}, schema=schema)
 
 

@@ -50,11 +50,16 @@ def read_pairs(path: str, limit: int | None = None) -> tuple[pa.Table, pa.Table]
     return T.split_rejected(T.PAIRS, table, source=str(path))
 
 
-def judgments_table(pairs: pa.Table, scores, judge_name: str, prompt_version: str) -> pa.Table:
+def judgments_table(
+    pairs: pa.Table, scores, judge_name: str, prompt_version: str, grades=T.DEFAULT_GRADES
+) -> pa.Table:
+    """The judgments table of ``scores`` for ``pairs``; ``injection`` columns are null when no detector ran."""
     n = pairs.num_rows
     probs = pa.FixedSizeListArray.from_arrays(
         pa.array(scores.probs.reshape(-1), pa.float32()), scores.probs.shape[1]
     )
+    injection = getattr(scores, "injection", None)
+    kinds = getattr(scores, "injection_kind", None)
     return pa.table(
         {
             "qid": pairs.column("qid"),
@@ -66,6 +71,11 @@ def judgments_table(pairs: pa.Table, scores, judge_name: str, prompt_version: st
             "prompt_version": pa.array([prompt_version] * n, pa.string()),
             "truncated": pa.array(scores.truncated, pa.bool_()),
             "n_tokens": pa.array(scores.n_tokens, pa.int32()),
+            "confidence": pa.array(scores.confidence(grades), pa.float32()),
+            "injection": pa.array(injection, pa.bool_())
+            if injection is not None
+            else pa.nulls(n, pa.bool_()),
+            "injection_kind": pa.array(kinds if kinds is not None else [None] * n, pa.string()),
         }
     )
 
@@ -93,11 +103,15 @@ def predict(cfg: PredictConfig) -> StageResult:
                     chunk.column("title").to_pylist() if "title" in chunk.column_names else None,
                     chunk.column("url").to_pylist() if "url" in chunk.column_names else None,
                 )  # fmt: skip
-                parts.append(judgments_table(chunk, scores, judge.card.name, scorer.prompt_version))
+                parts.append(
+                    judgments_table(chunk, scores, judge.card.name, scorer.prompt_version, judge.card.grades)
+                )
                 bar.update(chunk.num_rows)
         score_s = time.perf_counter() - t0
         table = (
-            pa.concat_tables(parts) if parts else T.JUDGMENTS.schema(["truncated", "n_tokens"]).empty_table()
+            pa.concat_tables(parts)
+            if parts
+            else T.JUDGMENTS.schema([c.name for c in T.JUDGMENTS.optional]).empty_table()
         )
         write_table(out, table)
         write_table(out / "rejected", rejected)

@@ -108,7 +108,15 @@ JUDGMENTS = TableSpec(
     ),
     key=("qid", "docid"),
     doc="the judge's grade (argmax), expected grade and grade distribution per pair",
-    optional=(Column("truncated", pa.bool_(), nullable=True), Column("n_tokens", pa.int32(), nullable=True)),
+    optional=(
+        Column("truncated", pa.bool_(), nullable=True),
+        Column("n_tokens", pa.int32(), nullable=True),
+        # the judge's probability of its own label (models.judge.label_confidence): what review routing sorts by
+        Column("confidence", pa.float32(), nullable=True),
+        # models.injection: an instruction-like span was found in the passage (null: no detector ran), its kinds
+        Column("injection", pa.bool_(), nullable=True),
+        Column("injection_kind", _STR, nullable=True),
+    ),
 )
 QRELS = TableSpec(
     "qrels",
