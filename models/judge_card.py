@@ -43,6 +43,9 @@ class JudgeCard:
     cutpoints: list[float] | None = None
     #: the stacked judge's combiner file in this directory (``models.judge_ensemble``), None: the LLM alone
     combiner: str | None = None
+    #: what audits found about this judge: ``diffs`` (``augrel judge diff`` against earlier judges, one entry per
+    #: A) and ``manipulation`` (the injection benchmark's figures); cards written before audits load without it
+    audit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
