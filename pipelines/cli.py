@@ -462,6 +462,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
+    # ---------------------------------------------------------------- review
+    rv = sub.add_parser(
+        "review", help="route the pairs the judge is least sure of to people, and read their grades back",
+        formatter_class=_Formatter,
+        description="export: a review queue (Parquet + Label Studio tasks and labeling config); serve: a "
+        "one-page review tool that saves every grade as it is entered; import: grades from Label Studio, the "
+        "page, a TREC qrels file or a qrels table -> a qrels table, every unusable row rejected with a reason.",
+        epilog="examples:\n"
+        "  augrel review export --judgments runs/dl19/judgments --pairs runs/dl19/data/pairs --budget 100 \\\n"
+        "      --strategy uncertain --out runs/dl19/review\n"
+        "  augrel review serve --queue runs/dl19/review --out runs/dl19/review/page\n"
+        "  augrel review import --labels runs/dl19/review/page/grades.jsonl --out runs/dl19/review/qrels\n",
+    )  # fmt: skip
+    rvsub = rv.add_subparsers(dest="review_command", metavar="ACTION", required=True)
+    p = rvsub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="judgments + pairs -> the K pairs most worth a human look (queue.parquet, Label Studio tasks.json)",
+        description="Pick --budget judged pairs for human review: uncertain (the judge's lowest confidence, its "
+        "probability of its own label, first), random, or stratified (equal shares per judge grade). Pairs "
+        "with a human label (the pairs table's label, or --exclude qrels) are never picked. Writes "
+        "OUT/queue.parquet (qid, docid, query, text, title, judge_label, confidence, score, judge, "
+        "prompt_version, rank in review order, injection flags when the judgments have them), OUT/tasks.json "
+        "(Label Studio tasks, the judge's grade as a prediction scored by its confidence) and "
+        "OUT/label_config.xml (the labeling config: grades 0-3 with hotkeys 0-3): create a Label Studio project "
+        "from those two files. Judgments without a pair, and bad rows, go to OUT/rejected/.\n\n"
+        "example:\n  augrel review export --judgments runs/dl19/judgments --pairs runs/dl19/data/pairs "
+        "--budget 100 --strategy uncertain --out runs/dl19/review",
+    )  # fmt: skip
+    p.add_argument("--judgments", help="judgments table (augrel annotate / judge predict)")
+    p.add_argument("--pairs", help="pairs table with the texts (query, text, title, label)")
+    p.add_argument("--budget", type=int, help="how many pairs to queue")
+    p.add_argument("--strategy", choices=["uncertain", "random", "stratified"], help="default uncertain")
+    p.add_argument("--seed", type=int, help="draws and ties (default 0)")
+    p.add_argument(
+        "--exclude", action="append", metavar="QRELS", help="human labels not to queue (repeatable)"
+    )
+    p.add_argument("--out", help="output directory")
+    _add_config_args(p)
+    p = rvsub.add_parser(
+        "import", formatter_class=_Formatter,
+        help="Label Studio export / grades.jsonl / TREC qrels / qrels table -> qrels table, bad rows rejected",
+        description="Read human grades and write a qrels table (qid, docid, label) to OUT and every row that "
+        "gives no grade to OUT/rejected/ with its reason: no annotation, every annotation cancelled, a choice "
+        "that is not a grade, annotators who disagree (rejected for adjudication; --set on_disagreement=latest "
+        "takes the latest), missing qid/docid, the same pair twice with different grades. In the review page's "
+        "grades.jsonl the last grade of a pair wins. manifest.json counts each reason.\n\n"
+        "examples:\n  augrel review import --labels project-1-at-2026-12-03.json --out runs/dl19/review/qrels\n"
+        "  augrel review import --labels runs/dl19/review/page/grades.jsonl --out runs/dl19/review/qrels",
+    )  # fmt: skip
+    p.add_argument("--labels", help="the file (or table directory) to read")
+    p.add_argument("--out", help="output directory: the qrels table")
+    p.add_argument("--grades", help="the grade scale, comma separated (default 0,1,2,3)")
+    _add_config_args(p)
+    p = rvsub.add_parser(
+        "serve", formatter_class=_Formatter,
+        help="a review page over a queue: grade buttons 0-3 and keys, progress, every grade saved at once",
+        description="Serve one page showing one pair at a time (query, title, passage, the judge's grade and "
+        "confidence) with grade buttons and keys 0-3, back / skip (arrow keys) and progress. Every grade is "
+        "appended to OUT/grades.jsonl and fsynced before the page counts it as saved; a reloaded page (or a "
+        "restarted server) resumes at the first ungraded pair; the last grade of a pair wins. Binds to "
+        "127.0.0.1 unless --host says otherwise (there is no login). Read the grades with `augrel review "
+        "import --labels OUT/grades.jsonl`.\n\n"
+        "example:\n  augrel review serve --queue runs/dl19/review --out runs/dl19/review/page --port 8765",
+    )  # fmt: skip
+    p.add_argument("--queue", help="the export's directory (queue.parquet)")
+    p.add_argument("--out", help="directory of grades.jsonl")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--reviewer", help="name recorded with every grade")
+    _add_config_args(p)
+
     # --------------------------------------------------------------- cluster
     cl = sub.add_parser(
         "cluster",
@@ -852,6 +923,42 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review(a: argparse.Namespace) -> int:
+    from pipelines import review
+    from pipelines.stage import load_config
+
+    if a.review_command == "export":
+        cfg = load_config(review.ExportConfig, a.config, a.overrides, judgments=a.judgments, pairs=a.pairs,
+                          budget=a.budget, strategy=a.strategy, seed=a.seed, exclude=a.exclude, out=a.out)  # fmt: skip
+        r = review.export(cfg)
+        print(r.summary())
+        print(f"{cfg.strategy}: judge grades in the queue {r.extra['queue_judge_grades']}, mean confidence "
+              f"{r.extra['queue_confidence_mean']}; Label Studio: {cfg.out}/tasks.json + {cfg.out}/label_config.xml")  # fmt: skip
+        return 0
+    if a.review_command == "import":
+        grades = None
+        if a.grades:
+            try:
+                grades = [int(g) for g in a.grades.split(",")]
+            except ValueError:
+                raise ConfigError(f"--grades {a.grades!r}: expected integers, e.g. 0,1,2,3") from None
+        cfg = load_config(
+            review.ImportConfig, a.config, a.overrides, labels=a.labels, out=a.out, grades=grades
+        )
+        r = review.import_labels(cfg)
+        print(r.summary())
+        if r.counts["rejected"]:
+            reasons = "; ".join(f"{k}: {v}" for k, v in r.extra["rejected_reasons"].items())
+            print(f"rejected {r.counts['rejected']:,} row(s) -> {cfg.out}/rejected/ ({reasons})")
+        return 0
+    if a.review_command == "serve":
+        cfg = load_config(review.ReviewServeConfig, a.config, a.overrides, queue=a.queue, out=a.out, host=a.host,
+                          port=a.port, reviewer=a.reviewer)  # fmt: skip
+        review.serve(cfg)
+        return 0
+    raise AssertionError(a.review_command)
+
+
 def _cmd_cluster(a: argparse.Namespace) -> int:
     from cluster import local
 
@@ -905,6 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _cmd_serve,
         "cluster": _cmd_cluster,
         "submit": _cmd_submit,
+        "review": _cmd_review,
     }
     try:
         return handlers[a.command](a)
