@@ -207,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", help="human labels: qrels/pairs table or a TREC qrels file")
     p.add_argument("--out", help="output directory")
     _add_config_args(p)
+    p = jsub.add_parser(
+        "diff",
+        formatter_class=_Formatter,
+        help="two judges on the same pairs: agreement, label shift, transitions, the pairs that moved most",
+        description="A and B are each a judge directory, a base model (zero-shot: --set template_a=...), or a "
+        "judgments table already written. Judges grade --pairs in this process (their judgments stay in OUT/a "
+        "and OUT/b and are reused by a rerun with the same judge and pairs). Writes OUT/diff.json and "
+        "OUT/diff.html: Cohen's and quadratic weighted kappa between A and B with 95% bootstrap intervals over "
+        "queries, labels changed, each label distribution and the shift, the grade transition matrix, per-query "
+        "changes, the most-moved pairs, and, where the pairs carry human grades, each judge's kappa with the "
+        "humans and the paired difference B - A. --record (default when B is a judge directory) keeps the "
+        "summary in B's judge_card.json under audit.diffs, which the run report shows.\n\n"
+        "example:\n  augrel judge diff runs/dl19/judge-v1 runs/dl19/judge-v2 --pairs runs/dl19/test/pairs "
+        "--out runs/dl19/judge-diff",
+    )
+    p.add_argument("a", metavar="A", help="the earlier judge: judge directory, base model or judgments table")
+    p.add_argument("b", metavar="B", help="the later judge: the same kinds as A")
+    p.add_argument("--pairs", help="pairs table both judges grade (with a label column: human grades)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the summary into B's judge card (default: when B is a judge directory)")  # fmt: skip
+    p.add_argument("--top", type=int, help="how many most-moved pairs to list (default 20)")
+    p.add_argument("--batch-size", type=int)
+    _add_config_args(p)
 
     # -------------------------------------------------------------- annotate
     p = sub.add_parser(
@@ -697,7 +721,34 @@ def _cmd_judge(a: argparse.Namespace) -> int:
         print((Path(cfg.out) / "metrics.txt").read_text(), end="")
         print(r.summary())
         return 0
+    if a.judge_command == "diff":
+        from pipelines.judge_diff import JudgeDiffConfig
+        from pipelines.judge_diff import run as judge_diff
+
+        cfg = load_config(JudgeDiffConfig, a.config, a.overrides, a=a.a, b=a.b, pairs=a.pairs, out=a.out,
+                          record=a.record, top=a.top, batch_size=a.batch_size)  # fmt: skip
+        r = judge_diff(cfg)
+        m, ci, h = r.extra["agreement"], r.extra["ci95"], r.extra["human"]
+        print(r.summary())
+        print(f"A vs B: kappa {_fmt_num(m['cohen_kappa'])} {_fmt_ci(ci.get('cohen_kappa'))}, weighted kappa "
+              f"{_fmt_num(m['weighted_kappa_quadratic'])} {_fmt_ci(ci.get('weighted_kappa_quadratic'))}, labels changed "
+              f"{m['changed']:.1%}, mean expected-grade shift {m['mean_score_shift']:+.3f}")  # fmt: skip
+        if h:
+            k = h["cohen_kappa"]
+            print(f"with {h['pairs']} human grades: kappa A {_fmt_num(k['a'])}, B {_fmt_num(k['b'])}, B - A "
+                  f"{_fmt_num(k['diff'], '+.3f')} {_fmt_ci(k['diff_ci95'])}: {k['verdict']}")  # fmt: skip
+        recorded = f"; recorded in {r.extra['recorded']}" if r.extra["recorded"] else ""
+        print(f"page: {Path(cfg.out) / 'diff.html'}{recorded}")
+        return 0
     raise AssertionError(a.judge_command)
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
+
+
+def _fmt_num(v: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
 
 
 def _cmd_annotate(a: argparse.Namespace) -> int:
