@@ -144,6 +144,8 @@ def judge_section(run: Path) -> str:
             out.append(
                 _table(rows, ["on the calibration pairs", "kappa", "95% CI", "weighted kappa", "tau-b"])
             )
+        if card.get("audit"):
+            out.append(judge_audit(card["audit"]))
     else:
         out.append(_missing("Judge fine-tuning"))
     m = _json(run / "judge-eval" / "metrics.json")
@@ -162,6 +164,50 @@ def judge_section(run: Path) -> str:
                 out.append(_img(run / "judge-eval" / name, alt))
     else:
         out.append(_missing("Judge evaluation"))
+    return "".join(out)
+
+
+def judge_audit(audit: dict[str, Any]) -> str:
+    """The judge card's audit: ``augrel judge diff`` against earlier judges (drift between versions) and the
+    manipulation benchmark's figures, whichever keys are present."""
+
+    def num(v: Any, fmt: str = ".3f") -> str:
+        return format(v, fmt) if isinstance(v, int | float) and not isinstance(v, bool) else str(v or "")
+
+    out = ["<h3>Judge audit</h3>"]
+    diffs = audit.get("diffs") or []
+    if diffs:
+        out.append("<p>This judge against earlier ones (<code>augrel judge diff</code>; A: the judge named, B: this "
+                   "one), on the same pairs.</p>")  # fmt: skip
+        rows = []
+        for d in diffs:
+            shift = ", ".join(f"{g}: {100 * v:+.1f}" for g, v in (d.get("label_shift") or {}).items())
+            h = d.get("human_kappa") or {}
+            human = f"{num(h.get('diff'), '+.3f')} {_ci(h.get('diff_ci95'))}" if h else ""
+            rows.append([d.get("against", ""), d.get("at", ""), d.get("pairs", ""), num(d.get("kappa_ab")),
+                         _ci(d.get("kappa_ab_ci95")), num(d.get("changed"), ".1%"), shift,
+                         num(d.get("mean_score_shift"), "+.3f"), human])  # fmt: skip
+        out.append(_table(rows, ["against (A)", "when", "pairs", "kappa A-B", "95% CI", "labels changed",
+                                 "grade share shift (pts)", "mean score shift", "kappa with humans B - A [CI]"]))  # fmt: skip
+    manipulation = audit.get("manipulation")
+    if isinstance(manipulation, dict) and manipulation:
+        out.append("<p>Manipulation benchmark (injected relevance claims and instructions):</p>")
+        scalars = [[k, num(v, ".4f")] for k, v in manipulation.items() if not isinstance(v, dict | list)]
+        if scalars:
+            out.append(_table(scalars, ["figure", "value"]))
+        for k, v in manipulation.items():
+            if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+                cols = list(dict.fromkeys(c for x in v.values() for c in x))
+                out.append(_table([[name, *(num(x.get(c), ".4f") for c in cols)] for name, x in v.items()],
+                                  [k, *cols]))  # fmt: skip
+            elif isinstance(v, dict):
+                out.append(_table([[name, num(x, ".4f")] for name, x in v.items()], [k, "value"]))
+            elif isinstance(v, list):
+                out.append(f"<p>{html.escape(k)}: {html.escape(', '.join(map(str, v)))}</p>")
+    others = [k for k in audit if k not in ("diffs", "manipulation")]
+    if others:
+        rest = json.dumps({k: audit[k] for k in others}, indent=2, default=str)
+        out.append(f"<pre>{html.escape(rest)}</pre>")
     return "".join(out)
 
 

@@ -146,3 +146,26 @@ def test_html_page_and_audit_entry():
         entry["kappa_ab"] == d["agreement"]["cohen_kappa"] and entry["changed"] == d["agreement"]["changed"]
     )
     assert set(entry["label_shift"]) == {"0", "1", "2", "3"} and entry["human_kappa"]["diff"] < 0
+
+
+def test_report_shows_the_cards_audit(tmp_path):
+    from eval.report import judge_section, render
+
+    card = {"base_model": "tiny", "prompt_version": "umbrela-v1", "training": {}, "data": {}, "metrics": {}}
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge_card.json").write_text(json.dumps(card))
+    assert "Judge audit" not in judge_section(tmp_path)  # a card written before audits
+    qid, docid, label, score = _pairs()
+    d = diff_judges(qid, docid, label, score, np.minimum(label + 1, 3), score + 1, human=label, n_boot=20)
+    card["audit"] = {
+        "diffs": [audit_entry(d, "runs/judge-v1", "2026-12-03T16:00:00+0000")],
+        "manipulation": {"label_rise": 0.031, "label_rise_undefended": 0.42, "clean_kappa": 0.5,
+                         "templates": {"claim": {"label_rise": 0.02, "score_shift": 0.1}, "fake-note": {"label_rise": 0.05}}},
+    }  # fmt: skip
+    (tmp_path / "judge" / "judge_card.json").write_text(json.dumps(card))
+    section = judge_section(tmp_path)
+    assert "Judge audit" in section and "runs/judge-v1" in section and "2026-12-03T16:00:00+0000" in section
+    assert f"{d['agreement']['changed']:.1%}" in section
+    assert "label_rise_undefended" in section and "0.4200" in section and "fake-note" in section
+    assert "score_shift" in section
+    assert "Judge audit" in render(tmp_path)
