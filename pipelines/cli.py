@@ -538,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="the file (or table directory) to read")
     p.add_argument("--out", help="output directory: the qrels table")
     p.add_argument("--grades", help="the grade scale, comma separated (default 0,1,2,3)")
+    p.add_argument("--queue", help="the export's directory: also write OUT/pairs (texts + human labels)")
     _add_config_args(p)
     p = rvsub.add_parser(
         "serve", formatter_class=_Formatter,
@@ -993,14 +994,15 @@ def _cmd_review(a: argparse.Namespace) -> int:
                 grades = [int(g) for g in a.grades.split(",")]
             except ValueError:
                 raise ConfigError(f"--grades {a.grades!r}: expected integers, e.g. 0,1,2,3") from None
-        cfg = load_config(
-            review.ImportConfig, a.config, a.overrides, labels=a.labels, out=a.out, grades=grades
-        )
+        cfg = load_config(review.ImportConfig, a.config, a.overrides, labels=a.labels, out=a.out, grades=grades,
+                          queue=a.queue)  # fmt: skip
         r = review.import_labels(cfg)
         print(r.summary())
         if r.counts["rejected"]:
             reasons = "; ".join(f"{k}: {v}" for k, v in r.extra["rejected_reasons"].items())
             print(f"rejected {r.counts['rejected']:,} row(s) -> {cfg.out}/rejected/ ({reasons})")
+        if cfg.queue:
+            print(f"labelled pairs (for judge calibrate --pairs): {cfg.out}/pairs")
         return 0
     if a.review_command == "serve":
         cfg = load_config(review.ReviewServeConfig, a.config, a.overrides, queue=a.queue, out=a.out, host=a.host,

@@ -91,6 +91,11 @@ class ImportConfig(StageConfig):
         "reject",
         description="Label Studio tasks whose annotators disagree: reject them (to adjudicate) or take the latest",
     )
+    queue: str | None = Field(
+        None,
+        description="the export's directory: also write OUT/pairs (the queue's texts with the human labels), "
+        "the labelled pairs `judge calibrate --pairs` and `judge finetune` read",
+    )
 
     _grades = field_validator("grades")(_check_grades)
 
@@ -311,6 +316,15 @@ def qrels_table(found: list[review_io.Grade]) -> pa.Table:
     )
 
 
+def labelled_pairs(queue: pa.Table, qrels: pa.Table) -> pa.Table:
+    """The queue's pairs (texts) that got a human label, as a pairs table with that label, in review order."""
+    texts = queue.select(
+        [c for c in ("qid", "docid", "query", "text", "title", "rank") if c in queue.column_names]
+    )
+    joined = texts.join(qrels, ["qid", "docid"], join_type="inner", use_threads=False).sort_by("rank")
+    return T.conform(T.PAIRS, joined.drop_columns(["rank"]))
+
+
 def import_labels(cfg: ImportConfig) -> StageResult:
     out = Path(cfg.out)
     with Timer() as timer:
@@ -321,6 +335,9 @@ def import_labels(cfg: ImportConfig) -> StageResult:
         )
         write_table(out, qrels)
         write_table(out / "rejected", rejected)
+        if cfg.queue:
+            labelled = labelled_pairs(read_queue(cfg.queue), qrels)
+            write_table(out / "pairs", labelled)
     reasons = Counter(r.kind for r in parsed.rejects)
     counts = {
         "rows_in": parsed.rows_in,
@@ -329,9 +346,12 @@ def import_labels(cfg: ImportConfig) -> StageResult:
         "superseded": parsed.superseded,
         "duplicates_same_grade": parsed.duplicates_same_grade,
     }
+    if cfg.queue:
+        # a label for a pair outside the queue stays in the qrels table; it has no text to make a pair of
+        counts |= {"pairs": labelled.num_rows, "labels_not_in_queue": qrels.num_rows - labelled.num_rows}
     mix = Counter(g.label for g in parsed.grades)
     return write_stage_files(
-        out, "review.import", cfg, counts, [cfg.labels], timer.seconds,
+        out, "review.import", cfg, counts, [cfg.labels, *([cfg.queue] if cfg.queue else [])], timer.seconds,
         {"table": "qrels", "rejected_reasons": dict(sorted(reasons.items())),
          "grades": {str(g): mix.get(g, 0) for g in cfg.grades}},
     )  # fmt: skip
@@ -437,7 +457,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, PAGE.encode("utf-8"), "text/html; charset=utf-8")
         elif self.path == "/api/queue":
-            self._json(HTTPStatus.OK, {"grades": g.grades, "reviewer": g.reviewer, "items": g.items})
+            meaning = {g_: review_io.GRADE_MEANING.get(g_, "") for g_ in g.grades}
+            self._json(
+                HTTPStatus.OK,
+                {"grades": g.grades, "meaning": meaning, "reviewer": g.reviewer, "items": g.items},
+            )
         elif self.path == "/api/grades":
             with g.lock:
                 rows = [
@@ -598,7 +622,7 @@ async function load() {
     mine = new Map(saved.grades.map((r) => [key(r), r.label]));
     for (const g of grades) {
       const b = document.createElement("button");
-      b.textContent = String(g); b.dataset.grade = String(g); b.onclick = () => grade(g);
+      b.textContent = `${g} ${queue.meaning[g] || ""}`.trim(); b.dataset.grade = String(g); b.onclick = () => grade(g);
       $("buttons").appendChild(b);
     }
     at = firstUngraded(); render();

@@ -486,7 +486,7 @@ def test_review_page_in_headless_chromium_loses_no_saved_grade_when_the_server_i
         page.press("ArrowLeft")
         page.wait_text("position", "pair 3 of 4")
         assert page.call("Runtime.evaluate", returnByValue=True, expression=(
-            "[...document.querySelectorAll('#buttons button.mine')].map(b => b.textContent).join()"))["result"]["value"] == "1"  # fmt: skip
+            "[...document.querySelectorAll('#buttons button.mine')].map(b => b.dataset.grade).join()"))["result"]["value"] == "1"  # fmt: skip
         page.press("ArrowRight")
         page.press("1")
         page.wait_text("progress", "4 graded of 4")
@@ -515,14 +515,20 @@ def test_cli_round_trip_export_label_studio_import(tmp_path, capsys):
     exported = [dict(t, annotations=[{"id": 1, "result": t["predictions"][0]["result"], "was_cancelled": False}])
                 for t in tasks]  # fmt: skip
     (tmp_path / "ls.json").write_text(json.dumps(exported))
-    assert (
-        main(["review", "import", "--labels", str(tmp_path / "ls.json"), "--out", str(tmp_path / "q")]) == 0
-    )
+    assert main(["review", "import", "--labels", str(tmp_path / "ls.json"), "--out", str(tmp_path / "q"),
+                 "--queue", str(out)]) == 0  # fmt: skip
+    queue = pq.read_table(out / "queue.parquet")
     qrels = read_table(tmp_path / "q")
-    assert (
-        qrels.column("label").to_pylist()
-        == pq.read_table(out / "queue.parquet").column("judge_label").to_pylist()
-    )
+    assert qrels.column("label").to_pylist() == queue.column("judge_label").to_pylist()
+    # the labelled pairs calibrate and finetune read: the queue's texts with the human grades, all valid
+    from pipelines.judge import read_pairs
+
+    pairs, bad = read_pairs(str(tmp_path / "q" / "pairs"))
+    assert bad.num_rows == 0 and pairs.num_rows == 3
+    texts = ["qid", "docid", "query", "text", "title"]
+    assert pairs.select(texts).to_pylist() == queue.select(texts).to_pylist()
+    assert pairs.column("label").to_pylist() == qrels.column("label").to_pylist()
+    assert read_manifest(tmp_path / "q")["counts"]["labels_not_in_queue"] == 0
     assert (
         main(["review", "import", "--labels", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")])
         == 2
