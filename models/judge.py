@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.prompts import PromptTemplate, grade_token_ids
+from models.prompts import PromptTemplate, fence_text, grade_token_ids
 
 DEFAULT_GRADES = (0, 1, 2, 3)
 
@@ -232,7 +232,7 @@ class PairEncoder:
             ids += self._field(t.title_field.format(title=title), t.max_title_tokens)
         if url:
             ids += self._field(t.url_field.format(url=url), t.max_url_tokens)
-        body = self._tok(text or "")
+        body = self._tok(fence_text(t, text or ""))
         truncated = len(body) > t.max_doc_tokens
         ids += self._body + body[: t.max_doc_tokens] + self._cue
         return EncodedPair(ids, truncated)

@@ -46,6 +46,9 @@ class JudgeCard:
     #: what audits found about this judge: ``diffs`` (``augrel judge diff`` against earlier judges, one entry per
     #: A) and ``manipulation`` (the injection benchmark's figures); cards written before audits load without it
     audit: dict[str, Any] = field(default_factory=dict)
+    #: the detector of instruction-like spans the judge runs behind (``models.injection``): strip, flag or off
+    #: (off for cards written before it existed)
+    injection_guard: str = "off"
 
     @property
     def name(self) -> str:
@@ -83,9 +86,15 @@ class LoadedJudge:
             self.lm.model, self.lm.tokenizer, self.template, self.card.grades, batch_size, **kw
         )
 
-    def scorer(self, batch_size: int = 16, **kw: Any) -> LabelTokenScorer | EnsembleScorer:
+    def scorer(self, batch_size: int = 16, guard: str | None = None, **kw: Any):
         """The judge as its card defines it: the LLM (labels from the card's cut-points when it has them), or
-        the LLM stacked with its combiner's signals (the combiner has cut-points of its own)."""
+        the LLM stacked with its combiner's signals (the combiner has cut-points of its own), behind the
+        card's injection guard (``guard`` overrides it: strip, flag or off)."""
+        from models.injection import guarded
+
+        return guarded(self._scorer(batch_size, **kw), guard or self.card.injection_guard)
+
+    def _scorer(self, batch_size: int, **kw: Any) -> LabelTokenScorer | EnsembleScorer:
         if not self.card.combiner or self.path is None:
             return self.llm_scorer(batch_size, cutpoints=self.card.cutpoints, **kw)
         llm = self.llm_scorer(batch_size, **kw)
@@ -105,8 +114,10 @@ def load_judge(
     max_doc_tokens: int = 256,
     dtype: str = "auto",
     device: str = "auto",
+    guard: str = "strip",
 ) -> LoadedJudge:
-    """A fine-tuned judge directory (adapter merged), or a base model used zero-shot with ``template``."""
+    """A fine-tuned judge directory (adapter merged), or a base model used zero-shot with ``template`` behind
+    the injection ``guard`` (a judge directory's card names its own)."""
     if is_judge_dir(judge):
         card = JudgeCard.load(judge)
         lm = load_causal_lm(card.base_model, dtype=dtype, device=device)
@@ -121,6 +132,6 @@ def load_judge(
     lm = load_causal_lm(judge, dtype=dtype, device=device)
     card = JudgeCard(
         base_model=judge, prompt_template=tmpl.name, prompt_version=tmpl.version, adapter=None,
-        max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens,
+        max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens, injection_guard=guard,
     )  # fmt: skip
     return LoadedJudge(lm, card, tmpl)

@@ -114,6 +114,10 @@ class AnnotateConfig(StageConfig):
     )
     max_doc_tokens: int = Field(256, gt=0, description="passage truncation for a base model")
     dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
+    guard: Literal["off", "flag", "strip"] | None = Field(
+        None, description="relevance: the injection detector (models.injection): strip grades passages without "
+        "instruction-like spans, flag only marks them; default: the judge card's (strip for a base model)",
+    )  # fmt: skip
     compile: bool = Field(
         False,
         description="torch.compile each actor's decoder (faster scoring after a one-off compile of minutes)",
@@ -590,16 +594,15 @@ class JudgeActor:
 
     def __init__(self, judge: str, template: str, max_doc_tokens: int, dtype: str, batch_size: int,
                  threads: int, max_batch_tokens: int | None = None, device: str = "auto",
-                 compile: bool = False):  # fmt: skip
+                 compile: bool = False, guard: str | None = None):  # fmt: skip
         import torch
 
         from models.judge_card import load_judge
 
         torch.set_num_threads(threads)
-        self.judge = load_judge(
-            judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device
-        )
-        self.scorer = self.judge.scorer(batch_size, max_batch_tokens=max_batch_tokens, compile=compile)
+        self.judge = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype,
+                                device=device, guard=guard or "strip")  # fmt: skip
+        self.scorer = self.judge.scorer(batch_size, guard, max_batch_tokens=max_batch_tokens, compile=compile)
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -1064,7 +1067,8 @@ def transform(units, cfg: AnnotateConfig, res: ActorResources, read_first: bool 
             "min_utility": cfg.min_utility, "answer_source": cfg.answer_source}  # fmt: skip
     else:
         actor, kwargs = JudgeActor, {"judge": cfg.judge, "template": cfg.template,
-                                     "max_doc_tokens": cfg.max_doc_tokens, "compile": cfg.compile}  # fmt: skip
+                                     "max_doc_tokens": cfg.max_doc_tokens, "compile": cfg.compile,
+                                     "guard": cfg.guard}  # fmt: skip
     ds = ds.map_batches(
         actor,
         # a whole block (a unit or a piece of one) per call: for the utility modes, whole questions

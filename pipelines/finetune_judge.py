@@ -61,6 +61,26 @@ class LoraSettings(BaseModel):
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
 
 
+class InjectionSettings(BaseModel):
+    """Defences against passages that talk the judge into a grade (``models.injection``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="training-time augmentation: this share of the sampled grade-0 training pairs gets an "
+        "injected copy (a relevance claim, fake assessor note, 'Relevance: 3', ... in the 'train' phrasings, at "
+        "a random position) with its label unchanged, added to the training pairs",
+    )
+    guard: Literal["off", "flag", "strip"] = Field(
+        "strip",
+        description="the judge's detector of instruction-like spans, recorded in its card: strip grades the "
+        "passage without them, flag only marks them (judgments' injection / injection_kind columns), off skips it",
+    )
+
+
 class FinetuneConfig(StageConfig):
     """``augrel judge finetune``: base model, data, LoRA, optimisation and the Ray Train / DeepSpeed setup."""
 
@@ -72,7 +92,11 @@ class FinetuneConfig(StageConfig):
         None, description="labelled pairs for validation; default: split train by query"
     )
     out: str = Field(description="output directory for the judge")
-    template: str = "umbrela-v1"
+    template: str = Field(
+        "umbrela-fenced-v1",
+        description="prompt template (models/prompts.py); the default quotes the passage as data, a defence "
+        "against passages that try to set their own grade (benchmarks/judge_manipulation.py)",
+    )
     max_doc_tokens: int = Field(192, gt=0)
     max_query_tokens: int = Field(48, gt=0)
     grades: list[int] = Field(default_factory=lambda: list(T.DEFAULT_GRADES))
@@ -124,6 +148,7 @@ class FinetuneConfig(StageConfig):
         description="validation-query pairs, drawn in their natural grade mix, the judge's cut-points are tuned "
         "on (with a stack: the stack's n_pairs); the class-balanced validation sample only ranks checkpoints",
     )
+    injection: InjectionSettings = InjectionSettings()
     stack: StackSettings | None = Field(
         default_factory=StackSettings,
         description="after training, stack the judge with MiniLM cosine and lexical signals, fit on the "
@@ -263,7 +288,42 @@ def sample_train_val(
         "val_grades": _grade_hist(val, cfg.grades),
         "sampling": cfg.sampling,
     }
+    # the counts above are the human-labelled sample; injected copies are counted on their own
+    train, injected = with_injected_negatives(train, cfg)
+    if injected:
+        summary["injected"] = injected
     return train, val, summary
+
+
+def with_injected_negatives(train: pa.Table, cfg: FinetuneConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """``train`` plus injected copies of a share ``cfg.injection.rate`` of its lowest-grade pairs (label
+    unchanged: a claim of relevance does not make a passage relevant), and a summary for the judge card. The
+    copies use the attacks' ``train`` phrasings, never the ones ``benchmarks/judge_manipulation.py`` scores."""
+    from models.injection import injected_copies
+
+    if not cfg.injection.rate:
+        return train, {}
+    neg = pc.equal(train.column("label"), min(cfg.grades))
+    negatives = train.filter(neg)
+    copies = injected_copies(negatives.column("query").to_pylist(), negatives.column("text").to_pylist(),
+                             cfg.injection.rate, cfg.seed + 7)  # fmt: skip
+    if not copies:
+        return train, {}
+    rows = negatives.take(pa.array([i for i, _, _ in copies]))
+    docids = [
+        f"{d}#injected-{name}"
+        for d, (_, _, name) in zip(rows.column("docid").to_pylist(), copies, strict=True)
+    ]
+    rows = rows.set_column(rows.schema.get_field_index("docid"), "docid", pa.array(docids, pa.string()))
+    rows = rows.set_column(
+        rows.schema.get_field_index("text"), "text", pa.array([t for _, t, _ in copies], pa.string())
+    )
+    attacks: dict[str, int] = {}
+    for _, _, name in copies:
+        attacks[name] = attacks.get(name, 0) + 1
+    summary = {"rate": cfg.injection.rate, "pairs": len(copies), "of_negatives": negatives.num_rows,
+               "attacks": dict(sorted(attacks.items())), "phrasings": "train"}  # fmt: skip
+    return pa.concat_tables([train, rows.cast(train.schema)]), summary
 
 
 # ------------------------------------------------------------------------------------ worker loop
@@ -515,6 +575,7 @@ def finetune(cfg: FinetuneConfig, *, after_step: Callable[..., None] | None = No
     with Timer() as timer:
         pools = split_pools(cfg)
         train, val, data_summary = sample_train_val(cfg, pools)
+        injected = data_summary.get("injected", {}).get("pairs", 0)
         if train.num_rows < cfg.batch_size:
             raise ConfigError(
                 f"batch_size: {cfg.batch_size} is more than the {train.num_rows} training pairs"
@@ -565,6 +626,7 @@ def finetune(cfg: FinetuneConfig, *, after_step: Callable[..., None] | None = No
             base_model=cfg.base_model, prompt_template=template.name, prompt_version=template.version,
             grades=cfg.grades, max_doc_tokens=cfg.max_doc_tokens, max_query_tokens=cfg.max_query_tokens,
             adapter="adapter", data=data_summary, metrics=metrics, cutpoints=None,
+            injection_guard=cfg.injection.guard,
             training={"lora": cfg.lora.model_dump(), "deepspeed": state.get("deepspeed", cfg.deepspeed),
                       "deepspeed_reason": state.get("deepspeed_reason"), "num_workers": cfg.num_workers,
                       "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "history": history,
@@ -595,6 +657,7 @@ def finetune(cfg: FinetuneConfig, *, after_step: Callable[..., None] | None = No
             card.cutpoints = cut
             card.save(out)
     return write_stage_files(
-        out, "judge.finetune", cfg, {"train_pairs": train.num_rows, "val_pairs": val.num_rows},
+        out, "judge.finetune", cfg, {"train_pairs": data_summary["train_pairs"], "val_pairs": val.num_rows,
+                                     **({"injected_pairs": injected} if injected else {})},
         cfg.train + (cfg.val or []), timer.seconds, {"metrics": metrics, "cutpoints": cut, "storage": str(storage)},
     )  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,10 @@ class PredictConfig(StageConfig):
     batch_size: int = Field(16, gt=0)
     dtype: str = Field("auto", pattern="^(auto|bf16|fp16|fp32)$")
     device: str = "auto"
+    guard: Literal["off", "flag", "strip"] | None = Field(
+        None, description="the injection detector (models.injection); default: the judge card's (strip for a base "
+        "model)",
+    )  # fmt: skip
     limit: int | None = Field(None, gt=0, description="grade only the first N pairs")
     chunk_size: int = Field(512, gt=0, description="pairs per progress step")
 
@@ -90,9 +95,9 @@ def predict(cfg: PredictConfig) -> StageResult:
         pairs, rejected = read_pairs(cfg.pairs, cfg.limit)
         t0 = time.perf_counter()
         judge = load_judge(cfg.judge, template=cfg.template, max_doc_tokens=cfg.max_doc_tokens,
-                           dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+                           dtype=cfg.dtype, device=cfg.device, guard=cfg.guard or "strip")  # fmt: skip
         load_s = time.perf_counter() - t0
-        scorer = judge.scorer(cfg.batch_size)
+        scorer = judge.scorer(cfg.batch_size, cfg.guard)
         parts = []
         t0 = time.perf_counter()
         with tqdm(total=pairs.num_rows, desc="judging", unit=" pairs", disable=None) as bar:

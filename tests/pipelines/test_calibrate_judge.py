@@ -51,7 +51,7 @@ def test_calibrate_a_base_model_then_predict_with_the_stacked_judge(
     assert comb.needs_encoder and len(comb.cutpoints) == 3
     assert report["agreement"]["stacked (query-fold CV)"]["cohen_kappa"] > 0.3
     judge = load_judge(str(out), dtype="fp32", device="cpu")
-    assert isinstance(judge.scorer(8), EnsembleScorer)
+    assert isinstance(judge.scorer(8, guard="off"), EnsembleScorer)
     pred = predict(PredictConfig(judge=str(out), pairs=str(synth_dataset / "pairs"), out=str(tmp_path / "j"),
                                  limit=40, dtype="fp32", batch_size=8))  # fmt: skip
     t = read_table(tmp_path / "j")

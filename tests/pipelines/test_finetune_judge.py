@@ -70,9 +70,11 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
     r = finetune(cfg)
     card = JudgeCard.load(out)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert card.base_model == str(tiny_causal_lm) and card.prompt_version.startswith("umbrela-v1@")
+    assert card.base_model == str(tiny_causal_lm) and card.prompt_version.startswith("umbrela-fenced-v1@")
     assert len(card.training["history"]) >= 1 and len(card.cutpoints) == 3
-    assert r.counts == {"train_pairs": 16, "val_pairs": 8}
+    # 16 human-labelled pairs, and an injected copy of a quarter of their 4 grade-0 pairs (label unchanged)
+    assert r.counts == {"train_pairs": 16, "val_pairs": 8, "injected_pairs": 1}
+    assert card.data["injected"]["pairs"] == 1 and card.injection_guard == "strip"
     # the merged adapter scores the validation pairs exactly as the training run did
     ckpt_dir = sorted(p for p in Path(card.training["ray_train_run"]).glob("checkpoint_*") if p.is_dir())
     best_step = card.metrics["step"]
@@ -85,9 +87,9 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
     judge = load_judge(str(out), dtype="fp32", device="cpu")
     if zero == "zero2":  # stacked on the validation queries' pairs after training
         assert card.combiner == "combiner.json" and card.metrics["stack"]["pairs"] == 40
-        assert isinstance(judge.scorer(batch_size=4), EnsembleScorer)
+        assert isinstance(judge.scorer(batch_size=4, guard="off"), EnsembleScorer)
     else:
-        assert card.combiner is None and isinstance(judge.scorer(batch_size=4), LabelTokenScorer)
+        assert card.combiner is None and isinstance(judge.scorer(batch_size=4, guard="off"), LabelTokenScorer)
     # the cut-points are tuned on validation-query pairs in their natural grade mix (the balanced validation
     # sample only ranked the checkpoints), by the judge as saved
     from eval.agreement import tune_cutpoints
@@ -106,7 +108,9 @@ def test_two_step_finetune_on_ray_train_with_deepspeed_and_reload(
                                               val.column("title").to_pylist(), val.column("url").to_pylist())  # fmt: skip
     np.testing.assert_allclose(sorted(scores.score), sorted(val_scores["score"]), atol=1e-4)
     # and the fine-tuned judge differs from the base model (the adapter did something)
-    base = load_judge(str(tiny_causal_lm), dtype="fp32", device="cpu").scorer(batch_size=4)
+    base = load_judge(str(tiny_causal_lm), template=card.prompt_template, dtype="fp32", device="cpu").scorer(
+        4
+    )
     base_scores = base.score(val.column("query").to_pylist(), val.column("text").to_pylist(),
                              val.column("title").to_pylist(), val.column("url").to_pylist())  # fmt: skip
     assert np.abs(base_scores.score - scores.score).max() > 1e-4

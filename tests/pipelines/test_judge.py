@@ -23,7 +23,16 @@ def test_predict_writes_a_valid_judgments_table(judged):
     t = read_table(out)
     assert t.num_rows == 60 and r.counts == {"pairs_in": 60, "judged": 60, "rejected": 0}
     assert T.check(T.JUDGMENTS, t) == []
-    assert set(t.column("prompt_version").to_pylist()) == {r.extra["judge_card"]["prompt_version"]}
+    # a base model is read behind the injection detector (strip): the version says so
+    assert set(t.column("prompt_version").to_pylist()) == {
+        r.extra["judge_card"]["prompt_version"] + "+detector-v1:strip"
+    }
+    # confidence is the judge's probability of its own label; nothing in the synthetic passages is flagged
+    probs, label = t.column("probs").to_pylist(), t.column("label").to_pylist()
+    assert t.column("confidence").to_pylist() == pytest.approx(
+        [p[g] for p, g in zip(probs, label, strict=True)]
+    )
+    assert t.column("injection").to_pylist() == [False] * 60 and t.column("injection_kind").null_count == 60
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["table"] == "judgments" and manifest["pairs_per_s"] > 0
 
