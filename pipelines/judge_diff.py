@@ -81,7 +81,9 @@ def side_kind(spec: str, name: str) -> str:
     if p.exists():
         raise ConfigError(f"{name}: {spec} is a file; give a judge directory, a model or a judgments table "
                           "directory")  # fmt: skip
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+    # a hub id is owner/name; a missing path (say a typo under runs/) must not be sent to the hub as one
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_local or (p.parent != Path(".") and p.parent.is_dir()):
         raise ConfigError(f"{name}: {spec}: no such judge directory, judgments table or model path")
     return "model"  # a hub id or the offline alias
 
@@ -241,13 +243,16 @@ def run(cfg: JudgeDiffConfig) -> StageResult:
 
             query, text = column("query"), column("text")
             human = column("label") if pairs.column("label").null_count < pairs.num_rows else None
-        diff = diff_judges(
-            ta.column("qid").to_pylist(), ta.column("docid").to_pylist(),
-            ta.column("label").to_numpy(), ta.column("score").to_numpy(),
-            tb.column("label").to_numpy(), tb.column("score").to_numpy(),
-            grades=scale, human=human, query=query, text=text, top=cfg.top, n_boot=cfg.bootstrap,
-            seed=cfg.seed, dropped=dropped,
-        )  # fmt: skip
+        try:
+            diff = diff_judges(
+                ta.column("qid").to_pylist(), ta.column("docid").to_pylist(),
+                ta.column("label").to_numpy(), ta.column("score").to_numpy(),
+                tb.column("label").to_numpy(), tb.column("score").to_numpy(),
+                grades=scale, human=human, query=query, text=text, top=cfg.top, n_boot=cfg.bootstrap,
+                seed=cfg.seed, dropped=dropped,
+            )  # fmt: skip
+        except ValueError as e:  # label_a / label_b / human: a grade off the judges' scale
+            raise DataError(f"{e} (label_a: a = {cfg.a}; label_b: b = {cfg.b}; human: {cfg.pairs})") from None
         diff["a"] = {"spec": cfg.a, "kind": kinds["a"], "name": names["a"], **sources["a"]}
         diff["b"] = {"spec": cfg.b, "kind": kinds["b"], "name": names["b"], **sources["b"]}
         diff["pairs_rejected"] = rejected.num_rows if rejected is not None else 0

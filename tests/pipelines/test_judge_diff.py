@@ -127,8 +127,19 @@ def test_old_card_without_audit_loads(tmp_path):
     assert JudgeCard.load(tmp_path).audit == {}
 
 
-def test_errors_name_the_bad_argument(diffed, tmp_path, capsys):
+def test_errors_name_the_bad_argument(diffed, tmp_path, capsys, monkeypatch):
     cfg, _ = diffed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"^b: runs/judge-v2: no such judge directory"
+    ):  # a typo, not a hub id
+        run(cfg.model_copy(update={"b": "runs/judge-v2", "out": str(tmp_path / "x")}))
+    off_scale = read_table(f"{cfg.out}/b")
+    off_scale = off_scale.set_column(2, "label", pa.array([7] * off_scale.num_rows, pa.int8()))
+    pq.write_table(off_scale, tmp_path / "runs" / "part-00000.parquet")
+    with pytest.raises(DataError, match=r"label_b: grades \[7\] are not among .*label_b: b = runs"):
+        run(cfg.model_copy(update={"a": f"{cfg.out}/a", "b": "runs", "out": str(tmp_path / "x")}))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^b: .*empty is a directory with neither judge_card.json"):
         run(cfg.model_copy(update={"b": str(tmp_path / "empty"), "out": str(tmp_path / "x")}))
