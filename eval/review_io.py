@@ -9,7 +9,9 @@ Formats, as Label Studio documents them (looked up for this module):
   result is ``{"from_name": <Choices name>, "to_name": <object name>, "type": "choices",
   "value": {"choices": [<Choice value>]}}``. ``score`` sorts tasks in Label Studio's Data Manager, so a
   reviewer can take the least confident first there too. Label Studio assigns its own task ids on import,
-  which is why every task carries ``qid`` and ``docid`` in ``data``.
+  which is why every task carries ``qid`` and ``docid`` in ``data``. Imported data must hold every ``$variable``
+  the labeling config uses (Import tasks API, https://api.labelstud.io/api-reference/api-reference/projects/
+  import-tasks), hence an empty ``title`` rather than none.
 - Export ("Label Studio Task Format", https://labelstud.io/guide/task_format): the JSON export is a list of
   tasks, each with ``data`` and ``annotations``; an annotation has ``result`` (the same result objects),
   ``was_cancelled`` (the annotator skipped the task), ``created_at`` / ``updated_at`` and ``completed_by``.

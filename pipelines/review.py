@@ -385,6 +385,7 @@ class GradeLog:
         self.items = queue.to_pylist()
         self.rank = {(r["qid"], r["docid"]): r["rank"] for r in self.items}
         self.lock = threading.Lock()
+        self.broken = False
         self.current: dict[tuple[str, str], int] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -412,17 +413,26 @@ class GradeLog:
         os.fsync(self.fh.fileno())
 
     def graded(self) -> int:
-        return sum(1 for k in self.current if k in self.rank)
+        with self.lock:
+            return sum(1 for k in self.current if k in self.rank)
 
-    def record(self, qid: str, docid: str, label: int) -> None:
+    def record(self, qid: str, docid: str, label: int) -> int:
+        """Append one grade and fsync it; returns how many queue pairs are graded. Raises OSError unsaved."""
         rec = {"qid": qid, "docid": docid, "label": label, "rank": self.rank[(qid, docid)],
                review_io.LOG_TIME_KEY: datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                "reviewer": self.reviewer}  # fmt: skip
         line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
         with self.lock:
-            self.fh.write(line)
-            self._sync()
+            try:
+                # after a failed write the file may end mid-line: start afresh (a blank line is skipped on read)
+                self.fh.write(b"\n" + line if self.broken else line)
+                self._sync()
+            except OSError:
+                self.broken = True
+                raise
+            self.broken = False
             self.current[(qid, docid)] = label
+            return sum(1 for k in self.current if k in self.rank)
 
     def close(self) -> None:
         self.fh.close()
@@ -500,11 +510,11 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.BAD_REQUEST, f"label: {label!r} is not a grade (grades are {g.grades})"
             )
         try:
-            g.record(qid, docid, label)
+            graded = g.record(qid, docid, label)
         except OSError as e:  # the disk said no: the page must not count this grade as saved
             log.error("%s: could not save a grade: %s", g.path, e)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"could not save to {g.path.name}: {e}")
-        self._json(HTTPStatus.OK, {"saved": True, "graded": g.graded(), "of": len(g.items)})
+        self._json(HTTPStatus.OK, {"saved": True, "graded": graded, "of": len(g.items)})
 
 
 class _ReviewServer(ThreadingHTTPServer):

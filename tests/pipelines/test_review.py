@@ -341,6 +341,24 @@ def test_review_server_saves_each_grade_before_answering_and_rejects_bad_posts(t
                                                            "reviewer": "ann", "graded_at": None}  # fmt: skip
         _request(url + "/api/grades", {"qid": "q2", "docid": "d1", "label": 0})
         assert _request(url + "/api/grades")[1]["grades"] == [{"qid": "q2", "docid": "d1", "label": 0}]
+
+        class DiskFull:  # writes half the line, then fails, as a full disk does
+            def __init__(self, fh):
+                self.fh = fh
+
+            def write(self, data):
+                self.fh.write(data[: len(data) // 2])
+                self.fh.flush()
+                raise OSError(28, "No space left on device")
+
+        real = server.log.fh
+        server.log.fh = DiskFull(real)
+        status, err = _request(url + "/api/grades", {"qid": "q1", "docid": "d2", "label": 1})
+        assert status == 500 and "No space left on device" in err["error"]
+        server.log.fh = real
+        assert _request(url + "/api/grades")[1]["graded"] == 1  # the failed grade is not counted
+        status, ok = _request(url + "/api/grades", {"qid": "q1", "docid": "d2", "label": 1})  # pressed again
+        assert status == 200 and ok["graded"] == 2
     finally:
         server.shutdown()
         server.server_close()
@@ -350,13 +368,17 @@ def test_review_server_saves_each_grade_before_answering_and_rejects_bad_posts(t
         fh.write('{"qid": "q1", "docid": "d4", "la')
     server = review.make_server(cfg)
     try:
-        assert server.log.current == {("q2", "d1"): 0}
+        assert server.log.current == {("q2", "d1"): 0, ("q1", "d2"): 1}
         server.log.record("q1", "d4", 3)
     finally:
         server.server_close()
         server.log.close()
     got, rejected, r = _import(tmp_path, tmp_path / "page" / "grades.jsonl")
-    assert got == {("q2", "d1"): 0, ("q1", "d4"): 3} and r.counts["superseded"] == 1 and len(rejected) == 1
+    assert got == {("q2", "d1"): 0, ("q1", "d2"): 1, ("q1", "d4"): 3} and r.counts["superseded"] == 1
+    assert [x["reason"].startswith("not a JSON object") for x in rejected] == [
+        True,
+        True,
+    ]  # the two cut lines
 
 
 class _Page:
