@@ -137,7 +137,9 @@ def _read_judgments(path: str, grades: list[int]) -> tuple[pa.Table, pa.Table, i
         if derived:
             from models.judge import label_confidence  # imports torch: only for tables that need it
 
-            probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+            # every row kept has one probability per grade (split_rejected checked it)
+            flat = pc.list_flatten(table.column("probs")).to_numpy(zero_copy_only=False)
+            probs = np.asarray(flat, dtype=np.float32).reshape(-1, len(grades))
             label = table.column("label").to_numpy()
             computed = label_confidence(probs, label, grades)
             conf = np.where(missing, computed, np.asarray(have.fill_null(0).to_numpy(), dtype=np.float32))
@@ -196,8 +198,8 @@ def export(cfg: ExportConfig) -> StageResult:
         matched = joined.filter(pa.array(has_pair))
         jrows, prows = matched.column("_j").to_numpy(), matched.column("_p").to_numpy()
         judged = judgments.take(pa.array(jrows))
-        texts = pairs.take(pa.array(prows))
-        labelled = np.asarray(pc.is_valid(texts.column("label")).to_numpy(zero_copy_only=False), dtype=bool)
+        human = pairs.column("label").take(pa.array(prows))
+        labelled = np.asarray(pc.is_valid(human).to_numpy(zero_copy_only=False), dtype=bool)
         in_qrels = np.zeros(len(jrows), dtype=bool)
         for path in cfg.exclude:
             in_qrels |= _mark(judged, _human_labelled(path, cfg.grades), "_in_qrels")
@@ -207,7 +209,7 @@ def export(cfg: ExportConfig) -> StageResult:
             cfg.budget, cfg.strategy, cfg.seed, exclude,
         )  # fmt: skip
         take = pa.array(picked, pa.int64())
-        q, t = judged.take(take), texts.take(take)
+        q, t = judged.take(take), pairs.take(pa.array(prows[picked]))  # texts of the picked pairs only
         cols: dict[str, pa.Array | pa.ChunkedArray] = {
             "qid": q.column("qid"), "docid": q.column("docid"),
             "query": t.column("query"), "text": t.column("text"),
