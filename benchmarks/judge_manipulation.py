@@ -237,7 +237,7 @@ def main() -> None:
 
     # attacked pairs: held-out queries of both collections, humans' grade 0 (must not rise) and 2-3 (must not fall)
     test, other = read_table(dl19 / "splits" / "test" / "pairs"), read_table(llmj / "data" / "pairs")
-    n0, n23, n_clean = (12, 6, 120) if args.quick else (60, 30, 700)
+    n0, n23, n_clean = (12, 6, 120) if args.quick else (40, 15, 300)
     attacked, clean = {}, {}
     for coll, t in (("DL19", test), ("LLMJudge", other)):
         lab = t.column("label")
@@ -245,7 +245,7 @@ def main() -> None:
         attacked[coll, "2-3"] = columns(sample(t.filter(pyarrow_compute.greater_equal(lab, 2)), n23, 2))
         clean[coll] = columns(sample(t.filter(pyarrow_compute.is_valid(lab)), n_clean, 3))
     val = read_table(dl19 / "splits" / "val" / "pairs")
-    calib = columns(natural_sample(val, 120 if args.quick else 400, 15))
+    calib = columns(natural_sample(val, 120 if args.quick else 300, 15))
 
     detector = InjectionDetector()
     encoder = _MemoEncoder(BiEncoder(dtype="fp32"))

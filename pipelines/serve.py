@@ -393,10 +393,18 @@ class RankResponse(BaseModel):
 
 
 class Grade(BaseModel):
-    label: int = Field(description="most probable grade")
+    label: int = Field(
+        description="the judge's grade (cut-points on the expected grade, else the most probable)"
+    )
     score: float = Field(description="expected grade")
     probs: list[float] = Field(description="probability of each grade, lowest first")
     truncated: bool
+    confidence: float = Field(description="the judge's probability of its own label")
+    injection: bool | None = Field(
+        None,
+        description="an instruction-like span was found in the passage (null: the judge runs no detector)",
+    )
+    injection_kind: str | None = Field(None, description="the kinds of the flagged spans, comma-separated")
 
 
 class JudgeResponse(BaseModel):
@@ -536,8 +544,12 @@ class LocalJudge:
 def _grades(scorer, pairs: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
     q, t, ti = zip(*pairs, strict=True)
     s = scorer.score(list(q), list(t), list(ti))
+    confidence = s.confidence(scorer.grades)
+    flags, kinds = s.injection, s.injection_kind
     return [{"label": int(s.label[i]), "score": float(s.score[i]), "probs": s.probs[i].tolist(),
-             "truncated": bool(s.truncated[i])} for i in range(len(pairs))]  # fmt: skip
+             "truncated": bool(s.truncated[i]), "confidence": float(confidence[i]),
+             "injection": None if flags is None else bool(flags[i]),
+             "injection_kind": None if kinds is None else kinds[i]} for i in range(len(pairs))]  # fmt: skip
 
 
 class Health(BaseModel):
