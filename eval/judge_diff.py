@@ -337,7 +337,7 @@ def render_html(diff: dict[str, Any], name_a: str, name_b: str, title: str | Non
     e = html.escape
     title = title or f"judge diff: {name_a} vs {name_b}"
     agr, ci = diff["agreement"], diff["ci95"]
-    dropped = diff.get("dropped") or {}
+    dropped = {k: v for k, v in (diff.get("dropped") or {}).items() if v}
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
         f"<style>{PAGE_STYLE}</style></head><body><h1>{e(title)}</h1>",
