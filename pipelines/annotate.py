@@ -26,7 +26,9 @@ of pairs. Actors are sized so that read and write tasks always find a CPU: a poo
 them and the dataset hangs.
 
 Input columns: ``qid, docid, query, text`` (+ optional ``title, url``; ``label`` is ignored). Output: the
-judgments table ``qid, docid, label, score, probs, judge, prompt_version, truncated, n_tokens``.
+judgments table ``qid, docid, label, score, probs, judge, prompt_version, truncated, n_tokens, confidence,
+injection, injection_kind`` (``confidence``: the judge's probability of its own label; ``injection``: the judge's
+detector found an instruction-like span in the passage, ``models.injection``).
 """
 
 from __future__ import annotations
