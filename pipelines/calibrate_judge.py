@@ -214,7 +214,8 @@ def stack_judge(judge: str, out: Path, table: pa.Table, stack: StackSettings, **
     else:
         tmpl = get_template(kw.get("template", "umbrela-v1")).with_limits(kw.get("max_doc_tokens", 256))
         card = JudgeCard(base_model=judge, prompt_template=tmpl.name, prompt_version=tmpl.version, adapter=None,
-                         max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens)  # fmt: skip
+                         max_doc_tokens=tmpl.max_doc_tokens, max_query_tokens=tmpl.max_query_tokens,
+                         injection_guard="strip")  # as load_judge reads a base model  # fmt: skip
     combiner.save(out)
     card.combiner = COMBINER_FILE
     # the LLM's own cut-points, tuned on the same natural-mix pairs (used where the LLM grades alone)
