@@ -1132,9 +1132,16 @@ class OutputHasher:
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if path.name == "judge_card.json":
+            # `augrel judge diff --record` writes audit figures into a judge's card; they do not change the judge,
+            # so they must not make the next run retrain it and everything after it. The card is digested as
+            # JudgeCard.save writes it, without the audit: a card written before audits existed keeps its digest.
+            card = {k: v for k, v in json.loads(path.read_text()).items() if k != "audit"}
+            h.update((json.dumps(card, indent=2, default=str) + "\n").encode())
+        else:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         self.cache[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
         return h.hexdigest()
 

@@ -157,3 +157,22 @@ def test_errors_name_the_bad_argument(diffed, tmp_path, capsys, monkeypatch):
     pq.write_table(pa.table({"qid": ["q"], "docid": ["d"]}), tmp_path / "notj" / "part-00000.parquet")
     assert main(["judge", "diff", f"{cfg.out}/a", str(tmp_path / "notj"), "--out", str(tmp_path / "y")]) == 2
     assert "b: " in capsys.readouterr().err
+
+
+def test_recording_an_audit_leaves_the_judge_stage_unchanged_for_augrel_run(tmp_path):
+    from pipelines.judge_diff import record_audit
+    from pipelines.run import OutputHasher
+
+    card = JudgeCard(base_model="m", prompt_template="umbrela-v1", prompt_version="umbrela-v1")
+    raw = json.loads(card.save(tmp_path / "judge").read_text())
+    raw.pop("audit")
+    (tmp_path / "judge" / CARD).write_text(json.dumps(raw, indent=2) + "\n")  # a card from before audits
+    hasher = OutputHasher({})
+    before = hasher(tmp_path, ("judge",))
+    record_audit(tmp_path / "judge", {"against": "old-judge", "pairs": 3, "kappa_ab": 0.5})
+    assert JudgeCard.load(tmp_path / "judge").audit["diffs"][0]["against"] == "old-judge"
+    assert hasher(tmp_path, ("judge",)) == before
+    card = JudgeCard.load(tmp_path / "judge")
+    card.cutpoints = [0.5, 1.5, 2.5]
+    card.save(tmp_path / "judge")
+    assert hasher(tmp_path, ("judge",)) != before
