@@ -225,6 +225,10 @@ def _labelled(paths: list[str]) -> pa.Table:
         good, bad = T.split_rejected(T.PAIRS, t, source=p)
         if bad.num_rows:
             log.warning("%s: %d pairs skipped (%s)", p, bad.num_rows, bad.column("reason")[0].as_py())
+        # optional in a pairs table (review import writes no url): null when absent
+        for col in ("title", "url"):
+            if col not in good.schema.names:
+                good = good.append_column(col, pa.nulls(good.num_rows, pa.string()))
         parts.append(good.select(["qid", "docid", "query", "text", "title", "url", "label"]))
     t = pa.concat_tables(parts)
     t = t.filter(pc.is_valid(t.column("label")))

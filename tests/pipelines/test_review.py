@@ -560,6 +560,36 @@ def test_cli_round_trip_export_label_studio_import(tmp_path, capsys):
     assert "--grades '0,a'" in capsys.readouterr().err
 
 
+def test_imported_pairs_feed_judge_calibrate_beside_pairs_with_urls(tmp_path):
+    """Found on DL19: calibrate's reader selected a url column the imported pairs (like any pairs table) may lack."""
+    from pipelines.finetune_judge import _labelled
+
+    out = tmp_path / "review"
+    assert main(["review", "export", "--judgments", str(_judgments(tmp_path)), "--pairs", str(_pairs(tmp_path)),
+                 "--budget", "3", "--out", str(out)]) == 0  # fmt: skip
+    graded = [{"qid": t["data"]["qid"], "docid": t["data"]["docid"], "label": 1} for t in
+              json.loads((out / "tasks.json").read_text())]  # fmt: skip
+    (tmp_path / "grades.jsonl").write_text("".join(json.dumps(g) + "\n" for g in graded))
+    assert main(["review", "import", "--labels", str(tmp_path / "grades.jsonl"), "--queue", str(out),
+                 "--out", str(tmp_path / "q")]) == 0  # fmt: skip
+    natural = tmp_path / "natural"
+    natural.mkdir()
+    row = {
+        "qid": ["q9"],
+        "docid": ["d1"],
+        "query": ["q"],
+        "text": ["t"],
+        "title": [None],
+        "url": ["http://x"],
+    }
+    pq.write_table(pa.table(row | {"label": pa.array([0], pa.int8())}), natural / "part-00000.parquet")
+    pool = _labelled([str(natural), str(tmp_path / "q" / "pairs")])
+    assert pool.num_rows == 4
+    assert pool.column("url").to_pylist() == ["http://x", None, None, None]
+    assert sorted(zip(pool.column("docid").to_pylist()[1:], pool.column("label").to_pylist()[1:], strict=True)) == \
+        sorted((g["docid"], 1) for g in graded)  # fmt: skip
+
+
 @pytest.mark.parametrize("action", ["export", "import", "serve"])
 def test_cli_help_explains_each_review_command_with_an_example(action, capsys):
     with pytest.raises(SystemExit) as e:
