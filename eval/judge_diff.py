@@ -348,7 +348,9 @@ def render_html(diff: dict[str, Any], name_a: str, name_b: str, title: str | Non
             if dropped
             else ""
         )
-        + f". 95% intervals: bootstrap over queries ({diff['bootstrap']} resamples).</p>",
+        + f". 95% intervals: bootstrap over queries ({diff['bootstrap']} resamples)"
+        + (f"; with {diff['queries']} queries they are rough" if diff["queries"] < 10 else "")
+        + ".</p>",
         "<h2>Agreement between A and B</h2>",
         _table(
             [

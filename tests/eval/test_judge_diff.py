@@ -139,6 +139,7 @@ def test_html_page_and_audit_entry():
     assert page.startswith("<!doctype html>") and "<script" not in page and "src=" not in page
     assert "query &lt;q0&gt;" in page and "passage &amp; text" in page and "only in a 2" in page
     assert page.count('class="heat"') == 16 and "Against the human grades" in page
+    assert "they are rough" in page  # six queries
     assert len(re.findall(r'class="bar a"', page)) == 4
     entry = audit_entry(d, "runs/judge-v1", "2026-12-03T16:00:00+0000")
     assert entry["against"] == "runs/judge-v1" and entry["pairs"] == len(qid)
