@@ -28,8 +28,12 @@ Plot: kappa and nDCG@10 vs human labels spent (active_labels.png under --work). 
 
 --quick: 1,500 pairs (all 43 queries), 1 seed, rounds to 300, 200 bootstrap resamples: a few minutes once the LLM
 scores are cached (it reads them from the full run's cache when present, else scores its 1,500 pairs).
+--pool-fraction 0.3: 30% of each query's pairs drawn within grades (2,786 pairs; benchmarks/augmentation.py's
+sample), for when grading all 9,260 does not fit the time at hand. --judge-probs DIR: a judgments table's grade
+probabilities stand in for the zero-shot LLM's, e.g. runs/bench/augment/judgments-pool30-* from the judge that
+benchmarks/augmentation.py fine-tunes and stacks on LLMJudge dev only (it never saw a DL19 query).
 
-    python benchmarks/active_labels.py [--quick] [--seeds 0 1 2] [--work /tmp/augrel-bench/active]
+    python benchmarks/active_labels.py [--quick] [--seeds 0 1 2] [--pool-fraction F] [--judge-probs DIR]
 """
 
 from __future__ import annotations
@@ -274,7 +278,7 @@ def main() -> None:
     from eval.ranking import bootstrap_ci, paired_compare
     from models.features import FEATURES
     from models.judge import label_confidence
-    from models.judge_ensemble import GradeCombiner, fit_stacked, pair_signals, query_folds
+    from models.judge_ensemble import LLM_ONLY, SIGNALS, GradeCombiner, fit_stacked, pair_signals, query_folds
     from models.loading import cpu_description
     from models.ranker import LambdaMARTRanker, RankerParams
     from pipelines.calibrate_judge import StackSettings
@@ -306,6 +310,8 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=150, help="LambdaMART trees")
     ap.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 1000; --quick 200)")
     ap.add_argument("--select", action="store_true", help="fit_stacked's greedy signal selection (slow)")
+    ap.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=SIGNALS,
+                    help="the stack's signals (without llm_logp and llm_score no LLM is run)")  # fmt: skip
     args = ap.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     until = args.until or (300 if args.quick else 500)
@@ -334,7 +340,9 @@ def main() -> None:
     llm_name = (
         f"{args.judge} zero-shot (umbrela-v1, max_doc_tokens {MAX_DOC_TOKENS}), trained on no DL19 query"
     )
-    if args.judge_probs:
+    if not set(args.signals) & set(LLM_ONLY):
+        llm, llm_name = None, "none (the stack uses no LLM signal)"
+    elif args.judge_probs:
         llm_name = (f"the grade probabilities in {args.judge_probs} (a judgments table; its judge must not have "
                     "trained or been calibrated on a DL19 query)")  # fmt: skip
         llm = table_scores(args.judge_probs, list(qid), list(docid))
@@ -345,7 +353,7 @@ def main() -> None:
         llm = judge_scores(work, args.judge, pairs, rows)
     llm_s = time.perf_counter() - t0
     encoder = _VectorEncoder(work, query, text)
-    stack = StackSettings(select=args.select)
+    stack = StackSettings(select=args.select, signals=args.signals)
     signals = pair_signals(llm, query, text, GRADES, encoder, stack.signals)
     x = ranker_features(work, pairs, rows, encoder)
     fold = query_folds(list(qid), args.folds)
@@ -469,12 +477,17 @@ def main() -> None:
             "ndcg10_name": "every pool label",
         },
         work / f"active_labels{'-quick' if args.quick else ''}"
-        f"{'-' + Path(args.judge_probs).name if args.judge_probs else ''}.png",
-        f"TREC DL 2019, {len(set(qid))} queries, {args.folds} query folds, seeds {seeds}: zero-shot Gemma 3 270M "
-        "+ MiniLM + lexical stack"
-        if not args.judge_probs
-        else f"TREC DL 2019, {len(set(qid))} queries, {args.folds} query folds, seeds {seeds}: stack over "
-        f"{Path(args.judge_probs).name} + MiniLM + lexical",
+        f"{'-' + Path(args.judge_probs).name if args.judge_probs else ''}"
+        f"{'' if llm is not None else '-nollm'}.png",
+        f"TREC DL 2019, {len(set(qid))} queries, {args.folds} query folds, seeds {seeds}; stack: "
+        f"{'+'.join(args.signals)}; LLM: "
+        + (
+            Path(args.judge_probs).name
+            if args.judge_probs
+            else f"{args.judge} zero-shot"
+            if llm is not None
+            else "none"
+        ),
     )
     print(f"plot: {png}; total {time.perf_counter() - t_start:.0f}s")
     cu, cr = curves["uncertain"][last], curves["random"][last]
