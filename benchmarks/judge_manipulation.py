@@ -113,11 +113,12 @@ def train_judge(work: Path, dl19: Path, template: str, rate: float, quick: bool)
     from cluster.embedded import init_ray
 
     init_ray()
+    # Small on purpose: three fine-tunes and ~6,000 scored pairs fit in about an hour on 2 shared cores.
     size = dict(n_train=48, n_val=32, max_steps=4, eval_every=2, cutpoint_pairs=64) if quick else dict(
-        n_train=320, n_val=96, epochs=1, eval_every=20, cutpoint_pairs=300)  # fmt: skip
+        n_train=192, n_val=64, epochs=1, eval_every=12, cutpoint_pairs=150)  # fmt: skip
     cfg = FinetuneConfig(
         train=[str(dl19 / "splits" / "train" / "pairs")], val=[str(dl19 / "splits" / "val" / "pairs")],
-        out=str(out), template=template, max_doc_tokens=160, batch_size=8, lr=3e-4, num_workers=2,
+        out=str(out), template=template, max_doc_tokens=128, batch_size=8, lr=3e-4, num_workers=2,
         cpus_per_worker=1, deepspeed="zero2", stack=None, resume=True,
         injection=InjectionSettings(rate=rate, guard="off"), **size,
     )  # fmt: skip
@@ -148,12 +149,17 @@ class LLMScores:
                 self._scorer = j.llm_scorer(16, cutpoints=self.card.cutpoints)
             from tqdm.auto import tqdm
 
-            for i in tqdm(range(0, len(todo), 256), desc=f"scoring {self.judge.name}", unit="x256"):
+            bar = tqdm(
+                total=len(todo), desc=f"scoring {self.judge.name}", unit="pair", disable=len(todo) < 512
+            )
+            for i in range(0, len(todo), 256):
                 chunk = todo[i : i + 256]
                 s = self._scorer.score([q for q, _ in chunk], [t for _, t in chunk])
                 for k, key in enumerate(chunk):
                     self.memo[key] = (s.probs[k], float(s.score[k]), int(s.label[k]), bool(s.truncated[k]),
                                       int(s.n_tokens[k]))  # fmt: skip
+                bar.update(len(chunk))
+            bar.close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_bytes(pickle.dumps(self.memo))
         rows = [self.memo[q, t] for q, t in zip(queries, texts, strict=True)]
@@ -237,7 +243,7 @@ def main() -> None:
 
     # attacked pairs: held-out queries of both collections, humans' grade 0 (must not rise) and 2-3 (must not fall)
     test, other = read_table(dl19 / "splits" / "test" / "pairs"), read_table(llmj / "data" / "pairs")
-    n0, n23, n_clean = (12, 6, 120) if args.quick else (40, 15, 300)
+    n0, n23, n_clean = (12, 6, 120) if args.quick else (20, 8, 150)
     attacked, clean = {}, {}
     for coll, t in (("DL19", test), ("LLMJudge", other)):
         lab = t.column("label")
@@ -245,7 +251,7 @@ def main() -> None:
         attacked[coll, "2-3"] = columns(sample(t.filter(pyarrow_compute.greater_equal(lab, 2)), n23, 2))
         clean[coll] = columns(sample(t.filter(pyarrow_compute.is_valid(lab)), n_clean, 3))
     val = read_table(dl19 / "splits" / "val" / "pairs")
-    calib = columns(natural_sample(val, 120 if args.quick else 300, 15))
+    calib = columns(natural_sample(val, 120 if args.quick else 150, 15))
 
     detector = InjectionDetector()
     encoder = _MemoEncoder(BiEncoder(dtype="fp32"))
