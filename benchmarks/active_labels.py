@@ -224,15 +224,6 @@ def ranker_features(work: Path, pairs: dict, rows: np.ndarray, encoder: _VectorE
     return x
 
 
-def kappa_ci(human, label, qids, n_boot: int, seed: int = 0) -> tuple[float, tuple[float, float]]:
-    """Cohen's kappa and its 95% interval by query bootstrap."""
-    from eval.agreement import _kappa, query_resamples
-
-    boots = [_kappa(human[i], label[i], GRADES) for i in query_resamples(qids, n_boot, seed)]
-    boots = [b for b in boots if not np.isnan(b)]
-    return _kappa(human, label, GRADES), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
-
-
 def ndcg10_per_query(qids, docids, scores, human) -> dict[str, float]:
     from eval.ranking import evaluate_run, qrels_from_labels, run_from_scores
 
@@ -274,7 +265,14 @@ def plot(curves: dict, refs: dict, path: Path, title: str) -> Path:
 def main() -> None:
     import argparse
 
-    from eval.active import STRATEGIES, first_labels, learning_curve, paired_kappa_difference, ranker_labels
+    from eval.active import (
+        STRATEGIES,
+        first_labels,
+        kappa_ci,
+        learning_curve,
+        paired_kappa_difference,
+        ranker_labels,
+    )
     from eval.ranking import bootstrap_ci, paired_compare
     from models.features import FEATURES
     from models.judge import label_confidence
@@ -415,14 +413,14 @@ def main() -> None:
         curves[strategy] = {}
         for k in sorted(held[strategy]):
             lab = np.concatenate([held[strategy][k][s] for s in seeds])
-            kap, kci = kappa_ci(h, lab, qs, n_boot)
+            kap, kci = kappa_ci(h, lab, qs, GRADES, n_boot)
             per_q = {
                 q: float(np.mean([ndcg[strategy][k][s][q] for s in seeds]))
                 for q in ndcg[strategy][k][seeds[0]]
             }
             curves[strategy][k] = {"kappa": kap, "kappa_ci": kci, "ndcg10": float(np.mean(list(per_q.values()))),
                                    "ndcg10_ci": bootstrap_ci(per_q.values(), n_boot), "per_q": per_q}  # fmt: skip
-    ref_kappa, ref_kci = kappa_ci(human, ref_label, qid, n_boot)
+    ref_kappa, ref_kci = kappa_ci(human, ref_label, qid, GRADES, n_boot)
     ref_nd = float(np.mean(list(ref_ndcg.values())))
 
     print(

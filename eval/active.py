@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eval.agreement import _kappa, query_resamples
+from eval.agreement import query_resamples
 from eval.routing import STRATEGIES as ROUTING_STRATEGIES
 from eval.routing import select_for_review
 
@@ -109,6 +109,38 @@ def learning_curve(
         result = fit(bought)
 
 
+def kappa(human: np.ndarray, label: np.ndarray, grades: Sequence[int]) -> float:
+    """Cohen's kappa from a bincount confusion matrix: ``eval.agreement.cohen_kappa``'s value (NaN when neither
+    side varies), fast enough for thousands of bootstrap resamples of thousands of pairs."""
+    grades = np.asarray(sorted(grades))
+    human, label = np.asarray(human), np.asarray(label)
+    if len(human) == 0 or (len(np.unique(human)) < 2 and len(np.unique(label)) < 2):
+        return float("nan")
+    g = len(grades)
+    cm = np.bincount(np.searchsorted(grades, human) * g + np.searchsorted(grades, label), minlength=g * g)
+    cm = cm.reshape(g, g).astype(float)
+    n = cm.sum()
+    pe = float(cm.sum(1) @ cm.sum(0)) / n**2
+    return float((np.trace(cm) / n - pe) / (1 - pe)) if pe < 1 else float("nan")
+
+
+def kappa_ci(
+    human: np.ndarray,
+    label: np.ndarray,
+    qids: Sequence[str],
+    grades: Sequence[int],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float]]:
+    """Cohen's kappa and its 95% interval from a bootstrap over queries."""
+    human, label = np.asarray(human), np.asarray(label)
+    boots = [kappa(human[i], label[i], grades) for i in query_resamples(qids, n_boot, seed)]
+    boots = [b for b in boots if not np.isnan(b)]
+    if not boots:
+        return kappa(human, label, grades), (float("nan"), float("nan"))
+    return kappa(human, label, grades), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
+
+
 def paired_kappa_difference(
     human: np.ndarray,
     label_a: np.ndarray,
@@ -123,9 +155,9 @@ def paired_kappa_difference(
     human, label_a, label_b = (np.asarray(v) for v in (human, label_a, label_b))
     if not (len(human) == len(label_a) == len(label_b) == len(qids)):
         raise ValueError("human, label_a, label_b and qids must have the same length")
-    point = _kappa(human, label_a, grades) - _kappa(human, label_b, grades)
+    point = kappa(human, label_a, grades) - kappa(human, label_b, grades)
     diffs = [
-        _kappa(human[i], label_a[i], grades) - _kappa(human[i], label_b[i], grades)
+        kappa(human[i], label_a[i], grades) - kappa(human[i], label_b[i], grades)
         for i in query_resamples(qids, n_boot, seed)
     ]
     diffs = [d for d in diffs if not np.isnan(d)]

@@ -4,6 +4,8 @@ import pytest
 from eval.active import (
     choose,
     first_labels,
+    kappa,
+    kappa_ci,
     learning_curve,
     paired_kappa_difference,
     ranker_labels,
@@ -86,3 +88,17 @@ def test_ranker_labels_take_the_human_grade_where_bought():
     assert out.tolist() == [3, 0, 1, 3]
     with pytest.raises(ValueError, match="3 human grades"):
         ranker_labels(np.zeros(3), np.zeros(4), np.array([0]))
+
+
+def test_fast_kappa_equals_sklearns_and_its_interval_brackets_it():
+    from eval.agreement import cohen_kappa
+
+    rng = np.random.default_rng(1)
+    human = rng.integers(0, 4, 300)
+    label = np.where(rng.random(300) < 0.6, human, rng.integers(0, 4, 300))
+    assert kappa(human, label, [0, 1, 2, 3]) == pytest.approx(cohen_kappa(human, label), abs=1e-12)
+    assert np.isnan(kappa(np.zeros(5, int), np.zeros(5, int), [0, 1, 2, 3]))
+    k, (lo, hi) = kappa_ci(
+        human, label, np.repeat([f"q{i}" for i in range(30)], 10), [0, 1, 2, 3], n_boot=100
+    )
+    assert lo < k < hi
