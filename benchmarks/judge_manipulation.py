@@ -132,7 +132,9 @@ class LLMScores:
 
     def __init__(self, judge: Path, work: Path):
         self.judge = judge
-        self.path = work / "scores" / (hashlib.sha256(str(judge).encode()).hexdigest()[:12] + ".pkl")
+        # keyed by the judge's path and its card's time: a judge retrained in place gets scored afresh
+        key = f"{judge}:{(judge / 'judge_card.json').stat().st_mtime_ns}"
+        self.path = work / "scores" / (hashlib.sha256(key.encode()).hexdigest()[:12] + ".pkl")
         self.memo: dict[tuple[str, str], tuple[np.ndarray, float, int, bool, int]] = {}
         if self.path.exists():
             self.memo = pickle.loads(self.path.read_bytes())
