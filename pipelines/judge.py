@@ -85,6 +85,27 @@ def judgments_table(
     )
 
 
+def judge_pairs(judge, scorer, pairs: pa.Table, chunk_size: int, desc: str = "judging") -> pa.Table:
+    """The judgments table of ``pairs`` graded by ``scorer`` (of the loaded ``judge``), ``chunk_size`` pairs per
+    progress step; an empty judgments table for no pairs."""
+    parts = []
+    with tqdm(total=pairs.num_rows, desc=desc, unit=" pairs", disable=None) as bar:
+        for start in range(0, pairs.num_rows, chunk_size):
+            chunk = pairs.slice(start, chunk_size)
+            scores = scorer.score(
+                chunk.column("query").to_pylist(), chunk.column("text").to_pylist(),
+                chunk.column("title").to_pylist() if "title" in chunk.column_names else None,
+                chunk.column("url").to_pylist() if "url" in chunk.column_names else None,
+            )  # fmt: skip
+            parts.append(
+                judgments_table(chunk, scores, judge.card.name, scorer.prompt_version, judge.card.grades)
+            )
+            bar.update(chunk.num_rows)
+    if parts:
+        return pa.concat_tables(parts)
+    return T.JUDGMENTS.schema([c.name for c in T.JUDGMENTS.optional]).empty_table()
+
+
 def predict(cfg: PredictConfig) -> StageResult:
     from dataclasses import asdict
 
@@ -98,26 +119,9 @@ def predict(cfg: PredictConfig) -> StageResult:
                            dtype=cfg.dtype, device=cfg.device, guard=cfg.guard or "strip")  # fmt: skip
         load_s = time.perf_counter() - t0
         scorer = judge.scorer(cfg.batch_size, cfg.guard)
-        parts = []
         t0 = time.perf_counter()
-        with tqdm(total=pairs.num_rows, desc="judging", unit=" pairs", disable=None) as bar:
-            for start in range(0, pairs.num_rows, cfg.chunk_size):
-                chunk = pairs.slice(start, cfg.chunk_size)
-                scores = scorer.score(
-                    chunk.column("query").to_pylist(), chunk.column("text").to_pylist(),
-                    chunk.column("title").to_pylist() if "title" in chunk.column_names else None,
-                    chunk.column("url").to_pylist() if "url" in chunk.column_names else None,
-                )  # fmt: skip
-                parts.append(
-                    judgments_table(chunk, scores, judge.card.name, scorer.prompt_version, judge.card.grades)
-                )
-                bar.update(chunk.num_rows)
+        table = judge_pairs(judge, scorer, pairs, cfg.chunk_size)
         score_s = time.perf_counter() - t0
-        table = (
-            pa.concat_tables(parts)
-            if parts
-            else T.JUDGMENTS.schema([c.name for c in T.JUDGMENTS.optional]).empty_table()
-        )
         write_table(out, table)
         write_table(out / "rejected", rejected)
     counts = {

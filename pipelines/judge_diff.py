@@ -22,12 +22,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from pipelines import tables as T
 from pipelines.errors import ConfigError, DataError
 from pipelines.io import PART_GLOB, read_table, write_table
-from pipelines.judge import judgments_table, read_pairs
+from pipelines.judge import judge_pairs, read_pairs
 from pipelines.stage import StageConfig, StageResult, Timer, read_manifest, write_stage_files
 
 log = logging.getLogger("augrel")
@@ -125,24 +124,11 @@ def _score(
                        device=cfg.device)  # fmt: skip
     load_s = time.perf_counter() - t0
     scorer = judge.scorer(cfg.batch_size)
-    parts = []
     t0 = time.perf_counter()
-    with tqdm(total=pairs.num_rows, desc=desc, unit=" pairs", disable=None) as bar:
-        for start in range(0, pairs.num_rows, cfg.chunk_size):
-            chunk = pairs.slice(start, cfg.chunk_size)
-            scores = scorer.score(
-                chunk.column("query").to_pylist(), chunk.column("text").to_pylist(),
-                chunk.column("title").to_pylist() if "title" in chunk.column_names else None,
-                chunk.column("url").to_pylist() if "url" in chunk.column_names else None,
-            )  # fmt: skip
-            parts.append(
-                judgments_table(chunk, scores, judge.card.name, scorer.prompt_version, judge.card.grades)
-            )
-            bar.update(chunk.num_rows)
+    table = judge_pairs(judge, scorer, pairs, cfg.chunk_size, desc) if pairs.num_rows else None
     score_s = time.perf_counter() - t0
     info = {"judge_card": asdict(judge.card), "model_load_s": round(load_s, 2),
             "pairs_per_s": round(pairs.num_rows / score_s, 3) if score_s > 0 else None}  # fmt: skip
-    table = pa.concat_tables(parts) if parts else None
     del judge, scorer
     gc.collect()  # one judge's weights go before the next one loads
     if table is None:
