@@ -51,6 +51,8 @@ test-all: setup browser
 
 demo: setup
 	$(AUGREL) run configs/demo.yaml --set out=$(DEMO_DIR)
+	$(AUGREL) review export --judgments $(DEMO_DIR)/judgments-pool --pairs $(DEMO_DIR)/pool/unlabelled \
+	    --budget 20 --strategy uncertain --out $(DEMO_DIR)/review
 
 bench: setup
 	@shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
