@@ -103,17 +103,11 @@ def llm_scores(work: Path, judge: str, qids, docids, queries, texts, chunk: int 
 
 
 def pool_sample(qids: np.ndarray, label: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Row indices of a ``fraction`` of each query's pairs drawn within each grade (at least one of every grade the
-    query has): benchmarks/augmentation.py's ``pool_sample``, so ``--pool-fraction 0.3`` picks the very pairs
-    of its 30% run, whose judgments ``--judge-probs`` can read."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for q in sorted(set(qids)):
-        idx = np.flatnonzero(qids == q)
-        for g in np.unique(label[idx]):
-            of_grade = idx[label[idx] == g]
-            keep.extend(rng.permutation(of_grade)[: max(1, round(fraction * len(of_grade)))].tolist())
-    return np.asarray(sorted(keep), dtype=np.int64)
+    """Row indices of a ``fraction`` of each query's pairs drawn within each grade: benchmarks/augmentation.py's
+    draw, so ``--pool-fraction 0.3`` picks the very pairs of its 30% run, whose judgments ``--judge-probs`` reads."""
+    from benchmarks.augmentation import pool_rows
+
+    return pool_rows(qids, label, fraction, seed)
 
 
 def table_scores(path: str, qids, docids):

@@ -82,17 +82,22 @@ def pool_sample(pairs_dir: Path, out: Path, fraction: float, seed: int = 0) -> P
     from pipelines.io import read_table, write_table
 
     t = read_table(pairs_dir)
-    rng = np.random.default_rng(seed)
     qids = np.asarray(t.column("qid").to_pylist(), dtype=object)
     label = t.column("label").to_numpy(zero_copy_only=False)
+    write_table(out, t.take(pa.array(pool_rows(qids, label, fraction, seed))))
+    return out
+
+
+def pool_rows(qids: np.ndarray, label: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Row indices of ``pool_sample``'s draw (benchmarks/active_labels.py takes the very same pairs)."""
+    rng = np.random.default_rng(seed)
     keep = []
     for q in sorted(set(qids)):
         idx = np.flatnonzero(qids == q)
         for g in np.unique(label[idx]):
             of_grade = idx[label[idx] == g]
             keep.extend(rng.permutation(of_grade)[: max(1, round(fraction * len(of_grade)))].tolist())
-    write_table(out, t.take(pa.array(sorted(keep))))
-    return out
+    return np.asarray(sorted(keep), dtype=np.int64)
 
 
 def finetuned_judge(llmjudge_pairs: Path, quick: bool) -> str:
