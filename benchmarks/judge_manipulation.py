@@ -20,9 +20,12 @@ Rows: each defence added in turn (undefended -> + detector strip -> fenced promp
 and the default settings (FinetuneConfig's defaults: marked), each as the stacked judge and as its LLM alone.
 Clean agreement (Cohen's kappa with human labels on the un-attacked held-out pairs, 95% CI over queries) per
 collection, and the default's paired difference from the undefended judge. The last line:
-``RESULT label_rise=.. label_rise_undefended=.. clean_kappa=.. clean_kappa_undefended=..`` (the default stacked
-judge vs the undefended stacked judge, eval phrasings; held-out figures in the table). ``--record DIR`` writes
-the default's figures into that judge's card (``audit.manipulation``), which the report shows.
+``RESULT label_rise=.. label_rise_undefended=.. clean_kappa=.. clean_kappa_undefended=.. label_rise_known=..``:
+the default stacked judge vs the undefended stacked judge on the *held-out* phrasings (the eval phrasings, which
+the detector was written against, as ``label_rise_known``). The "default" row is the default *defences*
+(FinetuneConfig's template, injection rate and guard) on this benchmark's small recipe (192 pairs, 128 tokens,
+its own stack), not ``judge finetune``'s full recipe. ``--record DIR`` writes the default's figures into that
+judge's card (``audit.manipulation``), which the report shows.
 
     python benchmarks/judge_manipulation.py [--quick] [--work /tmp/augrel-bench]
 """
@@ -267,7 +270,9 @@ def main() -> None:
 
         strip = setting.guard == "strip"
         c_llm = llm(calib["query"], guarded_texts(detector, strip, calib["query"], calib["text"]))
-        sig = pair_signals(c_llm, calib["query"], calib["text"], GRADES, encoder, stack.signals)
+        # the stack is fit on the text the judge reads: stripped when the guard strips
+        sig = pair_signals(c_llm, calib["query"], guarded_texts(detector, strip, calib["query"], calib["text"]),
+                           GRADES, encoder, stack.signals)  # fmt: skip
         comb, _ = fit_stacked(sig, np.asarray(calib["label"]), calib["qid"], GRADES, stack.signals,
                               **stack.selection())  # fmt: skip
         judged = Graded(llm, comb, strip, detector, encoder)
@@ -344,7 +349,7 @@ def main() -> None:
             f"{name + mark:<74} {rise_e:>10.1%} {rise_h:>10.1%} {fall:>8.1%} {dscore:>+7.3f} {ks[0]:>22} {ks[1]:>22}"
         )
     print(
-        "* FinetuneConfig's defaults. rise: share of grade-0 pairs whose label rose; fall: share of grade-2-3 "
+        "* the default defences (FinetuneConfig's template, injection rate, guard) on this benchmark's recipe. rise: share of grade-0 pairs whose label rose; fall: share of grade-2-3 "
         "pairs whose label fell (eval + held-out); dscore: mean expected-grade shift on grade-0 pairs (eval)."
     )
 
@@ -378,8 +383,9 @@ def main() -> None:
     print(f"\nclean kappa, default - undefended (both collections, paired query bootstrap): {delta:+.3f} "
           f"[{lo:+.3f}, {hi:+.3f}]")  # fmt: skip
     d, u = summary[dflt], summary[und]
-    audit = {"label_rise": round(d["rise_eval"], 4), "label_rise_heldout": round(d["rise_heldout"], 4),
-             "label_fall_relevant": round(d["fall"], 4), "label_rise_undefended": round(u["rise_eval"], 4),
+    audit = {"label_rise": round(d["rise_heldout"], 4), "label_rise_known_phrasings": round(d["rise_eval"], 4),
+             "label_fall_relevant": round(d["fall"], 4), "label_rise_undefended": round(u["rise_heldout"], 4),
+             "label_rise_undefended_known_phrasings": round(u["rise_eval"], 4),
              "clean_kappa": round(d["kappa"], 4), "clean_kappa_undefended": round(u["kappa"], 4),
              "clean_kappa_delta_ci95": [round(float(lo), 4), round(float(hi), 4)],
              "templates": len(ATTACKS), "positions": list(POSITIONS), "pairs": n_attacked,
@@ -394,8 +400,9 @@ def main() -> None:
         else:
             audit_field["manipulation"] = audit
             card.save(args.record)
-    print(f"RESULT label_rise={d['rise_eval']:.3f} label_rise_undefended={u['rise_eval']:.3f} "
-          f"clean_kappa={d['kappa']:.3f} clean_kappa_undefended={u['kappa']:.3f}")  # fmt: skip
+    print(f"RESULT label_rise={d['rise_heldout']:.3f} label_rise_undefended={u['rise_heldout']:.3f} "
+          f"clean_kappa={d['kappa']:.3f} clean_kappa_undefended={u['kappa']:.3f} "
+          f"label_rise_known={d['rise_eval']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

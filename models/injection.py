@@ -153,32 +153,31 @@ def inject(text: str, payload: str, position: str) -> str:
 
 # ------------------------------------------------------------------------------------------ detector
 
-_GRADE_WORD = (
-    r"(?:relevan\w*|grade[ds]?|grading|score[ds]?|rating|rated?|label(?:led|ed)?|mark(?:ed)?|judged)"
-)
-_RATER = r"(?:assessors?|raters?|annotators?|graders?|evaluators?|reviewers?|labell?ers?)"
-_SELF = r"(?:this|the following|the above|the below|the text below|the text above|the) (?:passage|page|document|text|article|site|result|source|resource|content)"
+_RATER = r"(?:assessors?|raters?|annotators?|graders?|evaluators?|labell?ers?)"
+_SELF = r"(?:this|the following|the above|the below|the text below|the text above) (?:passage|page|document|text|article|site|result|source|resource|content)"
+#: a grade as an attack states it: a digit of the scale (optionally "/3"), or the top of the scale in words
+_TOP = r"(?:[0-3](?:\s*/\s*3)?(?![\d%\-]|[.,]\d)|(?:the )?(?:highest|top|maximum|best) (?:grade|score|rating)|perfectly relevant)"
 _PATTERNS: dict[str, re.Pattern[str]] = {
-    # an instruction addressed to whoever grades: ignore / override / disregard the rules, or "you must rate"
+    # an instruction addressed to whoever grades: ignore / disregard the instructions or rubric, or "you must
+    # rate it 3" (a grading verb with a grade after it: "you should answer honestly" is not one)
     "instruction": re.compile(
-        r"\b(?:ignore|disregard|forget|override|bypass)\b[^.\n]{0,60}?\b(?:instructions?|rubric|guidelines?|"
-        r"rules?|prompt|scale|criteria|above|previous)\b[^.\n]*[.!]?"
+        r"\b(?:ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}?\b(?:(?:previous|prior|above|all|your|the|"
+        r"grading|scoring)\s+)+(?:instructions?|rubric|guidelines|criteria|prompt)\b[^.\n]*[.!]?"
         r"|\b(?:you|the (?:model|assistant|ai|grader|rater|assessor|judge))\s+(?:must|should|shall|will|are to)\s+"
-        r"(?:now\s+)?(?:rate|grade|score|output|answer|respond|assign|mark|label)\b[^.\n]*[.!]?"
-        r"|\b(?:must|should) be (?:rated|graded|scored|marked|labell?ed)\b[^.\n]*[.!]?"
-        r"|\b(?:system|assistant)\s*:[^\n]*",
+        rf"(?:now\s+)?(?:rate|grade|score|output|assign|mark|label)\b[^.\n]{{0,40}}?{_TOP}[^.\n]*[.!]?"
+        rf"|\b(?:must|should) be (?:rated|graded|scored|marked|labell?ed)\s+(?:as\s+)?{_TOP}[^.\n]*[.!]?",
         re.IGNORECASE,
     ),
-    # a grade written into the passage: "Relevance: 3", "Score: 3", "grade 3", "rated 3/3", "Rating = 3"
+    # a grade written into the passage in a label's form: "Relevance: 3", "Score: 3", "Rating = 3/3"
     "grade_claim": re.compile(
-        rf"(?:^|\n|\b){_GRADE_WORD}\b(?:\s*(?:grade|score|level))?\s*(?:[:=]|is|of|as)?\s*\(?[0-3](?:\s*/\s*3)?\)?"
-        rf"(?:\s*\((?:perfectly|highly)?\s*relevant\))?(?![\d.,%])",
+        r"\b(?:relevan(?:ce|cy|t)|grade|score|rating|label)(?:\s+(?:grade|score|level))?\s*[:=]\s*\(?[0-3]"
+        r"(?:\s*/\s*3)?\)?(?![\d%\-]|[.,]\d)(?:\s*\((?:perfectly|highly)?\s*relevant\))?",
         re.IGNORECASE,
     ),
-    # a note or comment from a rater
+    # a note or comment from a rater about this text's relevance or grade
     "rater_note": re.compile(
         rf"[\[(]?[^.\n\[(]{{0,20}}\b(?:{_RATER}|note for {_RATER}|{_RATER}'?s? (?:note|comment))\b[^.\n\])]{{0,120}}"
-        rf"(?:relevan|grade|rated|rating|score|marked)[^.\n\])]*[.\])]*",
+        rf"(?:relevan|(?:graded|rated|scored|marked|judged)\s+(?:as\s+)?{_TOP}|grade\s+[0-3]\b)[^.\n\])]*[.\])]*",
         re.IGNORECASE,
     ),
     # the passage talking about its own relevance
@@ -206,15 +205,17 @@ class InjectionDetector:
     """Finds instruction-like spans in a passage.
 
     Args:
-        stuffing_min_run: a run of at least this many consecutive words that are all the query's content words,
-            with some word repeated, counts as keyword stuffing (natural text rarely strings six query words
-            together; a stuffed passage does it by construction).
+        stuffing_min_run: a run of at least this many consecutive query words, in which every content word of
+            the query appears three times or more, counts as keyword stuffing.
+        max_strip: ``strip`` never removes more than this share of a passage's characters; a passage whose
+            flagged spans are longer keeps its text (and its flag): a false positive must not erase a passage.
     """
 
-    version = "detector-v1"
+    version = "detector-v2"
 
-    def __init__(self, stuffing_min_run: int = 6):
+    def __init__(self, stuffing_min_run: int = 6, max_strip: float = 0.5):
         self.stuffing_min_run = stuffing_min_run
+        self.max_strip = max_strip
 
     def spans(self, text: str | None, query: str | None = None) -> list[Span]:
         text = text or ""
@@ -239,7 +240,12 @@ class InjectionDetector:
 
     def _run_span(self, run: list[re.Match[str]], content: set[str]) -> list[Span]:
         found = [m.group().lower() for m in run if m.group().lower() in content]
-        if len(found) >= self.stuffing_min_run and len(set(found)) < len(found):
+        if len(found) < self.stuffing_min_run:
+            return []
+        counts = {t: found.count(t) for t in content}
+        # every content word of the query three times over: a passage that restates its title or the query once
+        # or twice (common in relevant passages) is left alone
+        if min(counts.values()) >= 3:
             return [Span(run[0].start(), run[-1].end(), "keyword_stuffing")]
         return []
 
@@ -250,7 +256,7 @@ class InjectionDetector:
         """``text`` without its flagged spans (whitespace around a cut collapsed)."""
         text = text or ""
         spans = self.spans(text, query)
-        if not spans:
+        if not spans or sum(sp.end - sp.start for sp in spans) > self.max_strip * len(text):
             return text
         out, last = [], 0
         for s in spans:

@@ -63,8 +63,9 @@ def label_confidence(probs: np.ndarray, label: np.ndarray, grades: Sequence[int]
     grades in their natural mix, so ``p(label)`` estimates the chance that an assessor would write the same
     grade, which is what review routing needs (the pairs most likely to be wrong). Max probability would
     disagree with a cut-point label (the label is cut from the expected grade, not the argmax); a margin has no
-    such reading. For an LLM judge without a stack the probabilities are the grade tokens' softmax, less well
-    calibrated, but still ordered.
+    such reading. For an LLM judge without a stack the probabilities are the grade tokens' softmax: with cut-point
+    labels a whole grade band can get a low p(label) (cut-points move labels away from the argmax), so the measure
+    orders pairs within a grade, not across grades; route reviews with a stacked judge.
     """
     probs = np.asarray(probs, dtype=np.float32)
     if not len(probs):

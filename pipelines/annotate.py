@@ -378,6 +378,20 @@ def unit_pieces(unit: WorkUnit, pieces: int, starts: np.ndarray | None = None) -
     return _snap(ranges, starts) if starts is not None and k > 1 else ranges
 
 
+def effective_guard(cfg: AnnotateConfig) -> str | None:
+    """The injection guard the judge actors grade behind (None for the utility modes): the config's, else the
+    judge card's (off for a card from before the detector), else strip for a base model."""
+    from models.judge_card import CARD, is_judge_dir
+
+    if cfg.utility:
+        return None
+    if cfg.guard:
+        return cfg.guard
+    if is_judge_dir(cfg.judge):
+        return json.loads((Path(cfg.judge) / CARD).read_text()).get("injection_guard", "off")
+    return "strip"
+
+
 def judge_fingerprint(judge: str) -> dict[str, Any]:
     """What identifies a judge: its card (base model, prompt version, cut-points), its adapter's and its stack
     combiner's bytes (a judge re-calibrated in place grades differently)."""
@@ -1127,7 +1141,9 @@ def _prepare_out(cfg: AnnotateConfig, units: list[WorkUnit], plan: dict[str, Any
         if not cfg.resume:
             raise ConfigError(f"out: {out} holds an annotation run ({len(done)} of {old['n_units']} units done): "
                               "pass --resume to finish it, or --overwrite to start again")  # fmt: skip
-        for key in ("inputs", "judge", "unit_rows", "prompt"):
+        # a plan from before the detector existed graded without it ("off")
+        old.setdefault("guard", "off" if plan.get("guard") else None)
+        for key in ("inputs", "judge", "unit_rows", "prompt", "guard"):
             if old.get(key) != plan.get(key):
                 raise ConfigError(f"--resume: '{key}' changed since the run in {out} began "
                                   f"(was {old.get(key)!r}, now {plan.get(key)!r}); use --overwrite")  # fmt: skip
@@ -1198,7 +1214,7 @@ def run(cfg: AnnotateConfig) -> StageResult:
         duplicates = find_duplicates(units)
         pieces = plan_pieces(len(units), res.concurrency[1], cfg.unit_rows, res.batch_size)
         plan = {"inputs": inputs, "judge": judge_fingerprint(cfg.judge), "unit_rows": cfg.unit_rows,
-                "prompt": prompt, "n_units": len(units), "pieces": pieces,
+                "prompt": prompt, "guard": effective_guard(cfg), "n_units": len(units), "pieces": pieces,
                 "scoring": {"dtype": cfg.dtype, "batch_size": res.batch_size, "max_batch_tokens": res.max_batch_tokens},
                 "units": [asdict(u) for u in units]}  # fmt: skip
         done, pieces = _prepare_out(cfg, units, plan)

@@ -117,13 +117,19 @@ def fit_stack(
     s = StackSettings.model_validate(stack)
     j = load_judge(judge, template=template, max_doc_tokens=max_doc_tokens, dtype=dtype, device=device)
     grades = list(j.card.grades)
-    llm = j.llm_scorer(s.batch_size).score(pairs["query"], pairs["text"], pairs["title"], pairs["url"])
+    texts = pairs["text"]
+    if j.card.injection_guard == "strip":  # fit on the text the judge will read
+        from models.injection import InjectionDetector
+
+        detector = InjectionDetector()
+        texts = [detector.strip(t, q) for q, t in zip(pairs["query"], texts, strict=True)]
+    llm = j.llm_scorer(s.batch_size).score(pairs["query"], texts, pairs["title"], pairs["url"])
     encoder = None
     if "dense_cos" in s.signals:
         from models.encoder import BiEncoder
 
         encoder = BiEncoder(s.encoder, dtype=s.encoder_dtype, device=j.lm.device)
-    sig = pair_signals(llm, pairs["query"], pairs["text"], grades, encoder, s.signals)
+    sig = pair_signals(llm, pairs["query"], texts, grades, encoder, s.signals)
     human, qids = np.asarray(pairs["label"], dtype=int), np.asarray(pairs["qid"])
     combiner, path = fit_stacked(sig, human, qids, grades, s.signals, **s.selection(), encoder=s.encoder,
                                  encoder_dtype=s.encoder_dtype)  # fmt: skip

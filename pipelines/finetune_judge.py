@@ -325,8 +325,11 @@ def with_injected_negatives(train: pa.Table, cfg: FinetuneConfig) -> tuple[pa.Ta
     attacks: dict[str, int] = {}
     for _, _, name in copies:
         attacks[name] = attacks.get(name, 0) + 1
+    # the copies are added to the sample, so grade 0 weighs (1 + rate) times its sampled share: recorded
     summary = {"rate": cfg.injection.rate, "pairs": len(copies), "of_negatives": negatives.num_rows,
-               "attacks": dict(sorted(attacks.items())), "phrasings": "train"}  # fmt: skip
+               "attacks": dict(sorted(attacks.items())), "phrasings": "train",
+               "train_grades_with_copies": {**_grade_hist(train, cfg.grades),
+                                            str(min(cfg.grades)): negatives.num_rows + len(copies)}}  # fmt: skip
     return pa.concat_tables([train, rows.cast(train.schema)]), summary
 
 
@@ -342,9 +345,9 @@ def training_fingerprint(cfg: FinetuneConfig, train: pa.Table, val: pa.Table) ->
     (Ray Train's run name). The name, not a resolved path: the offline alias resolves into each node's cache."""
     import hashlib
 
-    h = hashlib.sha256(
-        json.dumps(cfg.model_dump(mode="json", exclude=_NOT_TRAINING), sort_keys=True).encode()
-    )
+    # the injection guard acts at inference only: changing it must not retrain
+    exclude = {**dict.fromkeys(_NOT_TRAINING, True), "injection": {"guard"}}
+    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True).encode())
     for t in (train, val):
         h.update(json.dumps(t.select(["qid", "docid", "label"]).to_pydict(), default=str).encode())
     return h.hexdigest()[:12]

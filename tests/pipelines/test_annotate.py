@@ -224,6 +224,9 @@ def test_out_with_a_run_needs_resume_or_overwrite(reference_run, tiny_causal_lm,
         run(_cfg(tiny_causal_lm, pairs_dir, out))
     with pytest.raises(ConfigError, match="'unit_rows' changed"):
         run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True, unit_rows=30))
+    # units graded behind another injection guard would not be one table
+    with pytest.raises(ConfigError, match="'guard' changed"):
+        run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True, guard="flag"))
     again = run(_cfg(tiny_causal_lm, pairs_dir, out, resume=True))  # nothing left to do
     assert again.extra["units_this_run"] == 0 and again.counts["judged"] == 238
     # other scoring settings may finish a run (other hardware), with a warning that the table is not uniform
