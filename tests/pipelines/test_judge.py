@@ -25,7 +25,7 @@ def test_predict_writes_a_valid_judgments_table(judged):
     assert T.check(T.JUDGMENTS, t) == []
     # a base model is read behind the injection detector (strip): the version says so
     assert set(t.column("prompt_version").to_pylist()) == {
-        r.extra["judge_card"]["prompt_version"] + "+detector-v1:strip"
+        r.extra["judge_card"]["prompt_version"] + "+detector-v2:strip"
     }
     # confidence is the judge's probability of its own label; nothing in the synthetic passages is flagged
     probs, label = t.column("probs").to_pylist(), t.column("label").to_pylist()
